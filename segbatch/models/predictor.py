@@ -1,0 +1,256 @@
+"""Predict stage: the actor that holds one model and turns image batches into compact results.
+
+Batching never changes a prediction: a batch is split into groups of identical image size and each
+group runs as one model call, so no image is ever padded (padding changes the output of models
+with global pooling, like LRASPP and DeepLabV3's ASPP, and of Mask R-CNN near image borders).
+
+Results leave the actor compact: semantic label maps as uint8 (uint16 above 255 classes) with
+per-class pixel counts; instance masks thresholded and cropped on the device, then COCO-RLE encoded
+here, so full-size per-instance masks never travel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_util
+
+from segbatch.models.weights import IMAGENET_MEAN, IMAGENET_STD, ResolvedWeights, apply_weights, load_state_dict_bytes
+from segbatch.models.zoo import build_model, configure_detector, seeded_init
+
+__all__ = ["Predictor", "instances_from_output", "EMPTY_LABELS"]
+
+logger = logging.getLogger(__name__)
+EMPTY_LABELS = np.zeros((0, 0), dtype=np.uint8)
+
+
+def _object_array(values: list[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
+def pick_device() -> torch.device:
+    """CUDA when this process was given a GPU (Ray sets CUDA_VISIBLE_DEVICES), else CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def instances_from_output(
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    masks: torch.Tensor,
+    mask_threshold: float,
+    height: int,
+    width: int,
+    with_map: bool,
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Threshold and crop masks on their device, then RLE-encode them on the host.
+
+    Each mask is cropped to the extent of its own pixels (computed on the device from row/column
+    occupancy), so only the crops cross to the host. `masks` is `(K, 1, H, W)` probabilities.
+
+    Returns:
+        Instances sorted by descending score (`label`, `score`, `bbox` [x, y, w, h], `area`, `rle`),
+        and the instance-id map (uint16, 1 = highest score; empty unless `with_map`).
+    """
+    order = torch.argsort(scores, descending=True)
+    boxes, labels, scores = boxes[order], labels[order], scores[order]
+    binary = masks[order, 0] > mask_threshold if masks.numel() else masks.new_zeros((0, height, width), dtype=torch.bool)
+    rows = binary.any(dim=2).cpu().numpy()
+    cols = binary.any(dim=1).cpu().numpy()
+    boxes_np = boxes.float().cpu().numpy()
+    labels_np = labels.cpu().numpy()
+    scores_np = scores.float().cpu().numpy()
+    canvas = np.zeros((height, width, 1), dtype=np.uint8, order="F")
+    id_map = np.zeros((height, width), dtype=np.uint16) if with_map else np.zeros((0, 0), dtype=np.uint16)
+    out: list[dict[str, Any]] = []
+    for k in range(len(labels_np)):
+        ys, xs = np.flatnonzero(rows[k]), np.flatnonzero(cols[k])
+        if ys.size:
+            y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+            crop = binary[k, y0:y1, x0:x1].cpu().numpy()
+            canvas[y0:y1, x0:x1, 0] = crop
+        rle = mask_util.encode(canvas)[0]
+        if ys.size:
+            canvas[y0:y1, x0:x1, 0] = 0
+        x_min, y_min, x_max, y_max = (float(v) for v in boxes_np[k])
+        out.append(
+            {
+                "label": int(labels_np[k]),
+                "score": float(scores_np[k]),
+                "bbox": [x_min, y_min, x_max - x_min, y_max - y_min],
+                "area": int(mask_util.area(rle)),
+                "rle": rle["counts"].decode("ascii"),
+            }
+        )
+    if with_map:
+        for k in reversed(range(len(out))):  # lowest score first, so higher scores paint over
+            ys, xs = np.flatnonzero(rows[k]), np.flatnonzero(cols[k])
+            if ys.size:
+                y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+                crop = binary[k, y0:y1, x0:x1].cpu().numpy()
+                id_map[y0:y1, x0:x1][crop] = k + 1
+    return out, id_map
+
+
+class Predictor:
+    """Ray Data actor: image rows in, compact predictions out (the `image` column is dropped).
+
+    Args:
+        task: `semantic` or `instance`.
+        weights: resolved weights (or an ObjectRef to them), from :func:`resolve_weights`.
+        options: `batch_size`, `score_threshold`, `mask_threshold`, `max_detections`, `precision`,
+            `instance_png`.
+        num_threads: torch intra-op threads: the CPUs this actor reserved.
+    """
+
+    def __init__(self, task: str, weights: Any, options: dict[str, Any], num_threads: int = 1) -> None:
+        try:
+            import ray
+
+            if isinstance(weights, ray.ObjectRef):
+                weights = ray.get(weights)
+        except ImportError:  # pragma: no cover - ray is a hard dependency; kept for Ray-less unit use
+            pass
+        rw: ResolvedWeights = weights
+        torch.set_num_threads(max(1, int(num_threads)))
+        self.task = task
+        self.options = options
+        self.device = pick_device()
+        self.weights = rw
+        seeded_init(0)
+        model = build_model(task, rw.arch, rw.num_classes)
+        if rw.payload is not None:
+            state, _ = load_state_dict_bytes(rw.payload, rw.source)
+            apply_weights(model, state, rw.source)
+        if task == "instance":
+            min_size = rw.resize if isinstance(rw.resize, int) else None
+            configure_detector(
+                model,
+                score_threshold=float(options.get("score_threshold", 0.5)),
+                max_detections=int(options.get("max_detections", 100)),
+                min_size=min_size,
+                mean=rw.mean,
+                std=rw.std,
+            )
+        self.model = model.to(self.device).eval()
+        self.channels_last = self.device.type == "cuda" and task == "semantic"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        mean = rw.mean or IMAGENET_MEAN
+        std = rw.std or IMAGENET_STD
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.label_dtype = np.uint8 if rw.num_classes <= 256 else np.uint16
+        precision = options.get("precision", "fp32")
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        if self.autocast_dtype is not None and self.device.type != "cuda":
+            logger.warning("model.precision=%s applies on CUDA only; running fp32 on %s", precision, self.device)
+            self.autocast_dtype = None
+
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+    def _to_device(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Stack uint8 HWC images and move them as uint8 (4x fewer bytes than float)."""
+        x = torch.from_numpy(np.stack(images))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        return x.permute(0, 3, 1, 2)
+
+    @torch.inference_mode()
+    def predict_semantic(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Same-size images → [(label map at the input size, per-class pixel counts)]."""
+        import torchvision.transforms.v2.functional as TF
+
+        height, width = images[0].shape[:2]
+        x = self._to_device(images).float().div_(255.0)
+        resize = self.weights.resize
+        if resize is not None:
+            size = [resize] if isinstance(resize, int) else list(resize)
+            x = TF.resize(x, size, antialias=True)
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            out = self.model(x)
+        logits = out["out"] if isinstance(out, dict) else out
+        if logits.shape[-2:] != (height, width):
+            logits = torch.nn.functional.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+        labels = logits.argmax(dim=1)
+        n_classes = logits.shape[1]
+        counts = torch.stack([torch.bincount(lab.flatten(), minlength=n_classes) for lab in labels])
+        labels_np = labels.to(torch.int32).cpu().numpy().astype(self.label_dtype)
+        counts_np = counts.cpu().numpy().astype(np.int64)
+        return [(labels_np[i], counts_np[i]) for i in range(len(images))]
+
+    @torch.inference_mode()
+    def predict_instance(self, images: list[np.ndarray]) -> list[tuple[list[dict[str, Any]], np.ndarray]]:
+        """Same-size images → [(instances, instance-id map)]."""
+        height, width = images[0].shape[:2]
+        x = self._to_device(images).float().div_(255.0)
+        with self._autocast():
+            outputs = self.model(list(x))
+        thr = float(self.options.get("mask_threshold", 0.5))
+        with_map = bool(self.options.get("instance_png", False))
+        return [
+            instances_from_output(o["boxes"], o["labels"], o["scores"], o["masks"], thr, height, width, with_map)
+            for o in outputs
+        ]
+
+    def _run_group(self, images: list[np.ndarray]) -> list[Any]:
+        return self.predict_semantic(images) if self.task == "semantic" else self.predict_instance(images)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch["item_id"])
+        status = [str(s) for s in batch["status"]]
+        error_class = [str(s) for s in batch["error_class"]]
+        error = [str(s) for s in batch["error"]]
+        results: dict[int, Any] = {}
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i in range(n):
+            if status[i] == "ok":
+                groups[tuple(batch["image"][i].shape)].append(i)
+        bs = int(self.options.get("batch_size", 4))
+        for idxs in groups.values():
+            for start in range(0, len(idxs), bs):
+                chunk = idxs[start : start + bs]
+                try:
+                    for i, r in zip(chunk, self._run_group([batch["image"][i] for i in chunk])):
+                        results[i] = r
+                except Exception:  # noqa: BLE001 - isolate the failing image, keep the rest
+                    for i in chunk:
+                        try:
+                            results[i] = self._run_group([batch["image"][i]])[0]
+                        except Exception as e:  # noqa: BLE001 - one image's failure is data
+                            status[i], error_class[i] = "error", "model_failed"
+                            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                            error[i] = f"{batch['uri'][i]}: model failed: {type(e).__name__}: {msg}"[:500]
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out["status"] = np.asarray(status, dtype=object)
+        out["error_class"] = np.asarray(error_class, dtype=object)
+        out["error"] = np.asarray(error, dtype=object)
+        if self.task == "semantic":
+            out["label_map"] = _object_array([results[i][0] if i in results else EMPTY_LABELS for i in range(n)])
+            out["class_pixels"] = _object_array(
+                [results[i][1] if i in results else np.zeros(0, np.int64) for i in range(n)]
+            )
+        else:
+            out["instances"] = np.asarray(
+                [json.dumps(results[i][0], separators=(",", ":")) if i in results else "" for i in range(n)],
+                dtype=object,
+            )
+            out["label_map"] = _object_array(
+                [results[i][1] if i in results else np.zeros((0, 0), np.uint16) for i in range(n)]
+            )
+        return out

@@ -1,0 +1,321 @@
+"""JobSpec → Ray Data stream → committed outputs. The only module that builds Ray Data plans.
+
+    plan (driver)   list input, stable item ids, minus items already committed
+    load  (tasks)   fetch + decode          segbatch.load.Loader
+    predict (actors) model, once per actor  segbatch.models.Predictor
+    write (tasks)   mask artifacts          segbatch.sinks.MaskWriter
+    commit (driver) Parquet ledger parts    segbatch.sinks.Committer
+    finalize        run manifest + summary
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from segbatch import __version__
+from segbatch.errors import JobError
+from segbatch.load import Loader
+from segbatch.models import Predictor, ResolvedWeights, resolve_weights
+from segbatch.plan import WorkItem, plan_items
+from segbatch.sinks import Committer, MaskWriter, manifest_uri, new_run_id, read_committed, rows_to_table
+from segbatch.spec import JobSpec
+from segbatch.storage import UnsafeKeyError, filesystem, safe_relative_key, write_bytes_atomic
+
+__all__ = ["RunResult", "run_job", "item_rows"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RunResult:
+    """What a run did; also the `counts`/`timing` part of the run manifest."""
+
+    run_id: str
+    output_uri: str
+    manifest_uri: str
+    listed: int = 0
+    skipped: int = 0
+    processed: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    stream_seconds: float = 0.0
+    images_per_second: float = 0.0
+    error_fraction: float = 0.0
+    max_error_fraction: float = 0.0
+    weights_sha256: str = ""
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def failed_budget(self) -> bool:
+        return self.error_fraction > self.max_error_fraction
+
+
+def item_rows(items: list[WorkItem]) -> list[dict[str, Any]]:
+    """Work items → input rows for Ray Data, with the output key checked for safety here."""
+    rows = []
+    for it in items:
+        try:
+            rel_key, plan_error = safe_relative_key(it.uri, it.base), ""
+        except UnsafeKeyError as e:
+            rel_key, plan_error = "", f"{it.uri}: {e}"
+        rows.append(
+            {
+                "item_id": it.item_id,
+                "uri": it.uri,
+                "version": it.version,
+                "size": it.size,
+                "rel_key": rel_key,
+                "plan_error": plan_error,
+            }
+        )
+    return rows
+
+
+def _load_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, Any]:
+    return Loader(**kwargs)(batch)
+
+
+def _write_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, Any]:
+    return MaskWriter(**kwargs)(batch)
+
+
+def _ensure_ray(spec: JobSpec) -> bool:
+    """Connect to the cluster in RAY_ADDRESS (or the `ray job submit` one), else start a local Ray.
+
+    Returns True when this call started Ray (and so should shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
+    return True
+
+
+def _check_resources(spec: JobSpec, started_locally: bool) -> None:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    need = spec.compute.gpus_per_actor
+    if need > 0 and gpus == 0:
+        msg = (
+            f"compute.gpus_per_actor is {need} but the Ray cluster has no GPUs; "
+            "set compute.gpus_per_actor: 0 to run on CPUs"
+        )
+        if started_locally:
+            raise JobError(msg)
+        logger.warning("%s (waiting for the autoscaler to add GPU nodes)", msg)
+
+
+def _versions() -> dict[str, str]:
+    import pyarrow
+    import ray
+    import torch
+    import torchvision
+
+    return {
+        "segbatch": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _check_ledger(spec: JobSpec, fingerprint: str) -> set[str]:
+    """Item ids already committed under the output, refusing results from a different model setup."""
+    committed = read_committed(spec.output.uri, spec.output.storage_options, columns=["item_id", "fingerprint"])
+    if committed.num_rows:
+        others = set(pc.unique(committed["fingerprint"]).to_pylist()) - {fingerprint}
+        if others:
+            raise JobError(
+                f"output.uri '{spec.output.uri}' already holds results made with another model, weights or "
+                f"preprocessing (fingerprint {sorted(others)[0]}, this job's is {fingerprint}); "
+                "write to a new output.uri"
+            )
+    return set(committed["item_id"].to_pylist())
+
+
+def build_dataset(spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWeights) -> Any:
+    """The Ray Data plan: from_items → load (tasks) → predict (actor pool) → write (tasks)."""
+    import ray
+
+    c, m = spec.compute, spec.model
+    blocks = max(1, min(math.ceil(len(rows) / c.load_batch_size), 20_000))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        _load_batch,
+        batch_size=c.load_batch_size,
+        num_cpus=c.cpus_per_loader,
+        # A memory request (a real need: decoded batches) also keeps Ray Data from fusing decode into
+        # the predict actors, which it does for task→actor maps with equal CPU/GPU requests.
+        memory=c.memory_per_loader,
+        fn_kwargs={
+            "storage_options": spec.input.storage_options,
+            "max_pixels": spec.input.max_pixels,
+            "max_bytes": spec.input.max_bytes,
+            "fetch_concurrency": c.fetch_concurrency,
+        },
+    )
+    actors = c.actors if isinstance(c.actors, int) else tuple(c.actors)
+    ds = ds.map_batches(
+        Predictor,
+        batch_size=m.batch_size,
+        num_cpus=c.cpus_per_actor,
+        num_gpus=c.gpus_per_actor,
+        concurrency=actors,
+        fn_constructor_kwargs={
+            "task": m.task,
+            "weights": ray.put(weights),
+            "options": {
+                "batch_size": m.batch_size,
+                "score_threshold": m.score_threshold,
+                "mask_threshold": m.mask_threshold,
+                "max_detections": m.max_detections,
+                "precision": m.precision,
+                "instance_png": spec.output.instance_png,
+            },
+            "num_threads": max(1, round(c.cpus_per_actor)),
+        },
+    )
+    ds = ds.map_batches(
+        _write_batch,
+        batch_size=64,
+        num_cpus=0.25,
+        fn_kwargs={
+            "output_uri": spec.output.uri,
+            "storage_options": spec.output.storage_options,
+            "write_png": m.task == "semantic" or spec.output.instance_png,
+        },
+    )
+    return ds
+
+
+def run_job(spec: JobSpec) -> RunResult:
+    """Run a job to completion: every listed item ends as exactly one committed row.
+
+    Raises:
+        JobError: a job-level problem found before any work started (weights, storage, resources).
+    """
+    started = time.time()
+    run_id = new_run_id()
+    result = RunResult(run_id=run_id, output_uri=spec.output.uri, manifest_uri=manifest_uri(spec.output.uri, run_id))
+    result.max_error_fraction = spec.run.max_error_fraction
+
+    weights = resolve_weights(spec.model)
+    result.weights_sha256 = weights.sha256
+    fingerprint = spec.result_fingerprint(weights.sha256)
+    try:
+        done = _check_ledger(spec, fingerprint)
+        items, result.listed, result.skipped = plan_items(spec.input, done)
+    except JobError:
+        raise
+    except FileNotFoundError as e:
+        raise JobError(f"input.uri '{spec.input.uri}': not found ({e})") from None
+    except (OSError, ValueError, PermissionError) as e:
+        raise JobError(f"storage error while planning: {type(e).__name__}: {e}") from None
+    logger.info("planned %d items (%d listed, %d already done)", len(items), result.listed, result.skipped)
+
+    constants = {
+        "task": spec.model.task,
+        "model": weights.arch,
+        "weights_sha256": weights.sha256,
+        "fingerprint": fingerprint,
+        "run_id": run_id,
+    }
+    file_metadata = {
+        "segbatch.classes": json.dumps(list(weights.classes) if weights.classes else None),
+        "segbatch.task": spec.model.task,
+    }
+    committer = Committer(
+        spec.output.uri,
+        spec.output.storage_options,
+        run_id,
+        file_metadata,
+        commit_rows=spec.output.commit_rows,
+        commit_seconds=spec.output.commit_seconds,
+    )
+    counts: Counter[str] = Counter()
+    stream_start = time.time()
+    if items:
+        started_ray = _ensure_ray(spec)
+        try:
+            _check_resources(spec, started_ray)
+            ds = build_dataset(spec, item_rows(items), weights)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                table = rows_to_table(batch, constants)
+                committer.add(table)
+                for status, cls in zip(batch["status"], batch["error_class"]):
+                    counts["ok" if status == "ok" else str(cls)] += 1
+            committer.flush()
+        finally:
+            committer.flush()
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    result.stream_seconds = time.time() - stream_start
+    result.processed = sum(counts.values())
+    result.ok = counts.pop("ok", 0)
+    result.errors = dict(sorted(counts.items()))
+    result.wall_seconds = time.time() - started
+    result.images_per_second = result.processed / result.stream_seconds if result.stream_seconds > 0 else 0.0
+    result.error_fraction = result.error_count / result.processed if result.processed else 0.0
+    _write_manifest(spec, result, weights, fingerprint, committer.parts)
+    return result
+
+
+def _write_manifest(
+    spec: JobSpec, result: RunResult, weights: ResolvedWeights, fingerprint: str, parts: list[str]
+) -> None:
+    manifest = {
+        "run_id": result.run_id,
+        "job": spec.redacted(),
+        "versions": _versions(),
+        "weights": {
+            "kind": weights.kind,
+            "source": weights.source,
+            "sha256": weights.sha256,
+            "arch": weights.arch,
+            "num_classes": weights.num_classes,
+            "classes": list(weights.classes) if weights.classes else None,
+        },
+        "fingerprint": fingerprint,
+        "counts": {
+            "listed": result.listed,
+            "skipped": result.skipped,
+            "processed": result.processed,
+            "ok": result.ok,
+            "error": result.errors,
+        },
+        "timing": {
+            "wall_seconds": round(result.wall_seconds, 3),
+            "stream_seconds": round(result.stream_seconds, 3),
+            "images_per_second": round(result.images_per_second, 3),
+        },
+        "error_fraction": result.error_fraction,
+        "max_error_fraction": result.max_error_fraction,
+        "metadata_parts": parts,
+    }
+    fs, path = filesystem(result.manifest_uri, spec.output.storage_options)
+    write_bytes_atomic(fs, path, json.dumps(manifest, indent=2).encode())
+
+
+def result_dict(result: RunResult) -> dict[str, Any]:
+    """The result as plain data (for `--json` output)."""
+    return asdict(result)

@@ -1,0 +1,340 @@
+"""Job specification: YAML → strict pydantic models, with `--set` overrides.
+
+Every key is typed and described; an unknown key, a missing key or a bad value is reported as one
+line naming the key, the value and the file (see :class:`SpecError`), before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "ComputeSpec",
+    "InputSpec",
+    "JobSpec",
+    "ModelSpec",
+    "OutputSpec",
+    "RunSpec",
+    "SpecError",
+    "load_job",
+    "parse_job",
+    "SEMANTIC_ARCHS",
+    "INSTANCE_ARCHS",
+    "IMAGE_EXTENSIONS",
+]
+
+SEMANTIC_ARCHS = (
+    "fcn_resnet50",
+    "fcn_resnet101",
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
+    "deeplabv3_mobilenet_v3_large",
+    "lraspp_mobilenet_v3_large",
+)
+INSTANCE_ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "tif", "tiff", "webp", "bmp", "gif")
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class SpecError(ValueError):
+    """A job file that cannot run; the message is one line meant for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    uri: str = Field(
+        description="Images to segment: a prefix/folder (recursive), a glob (`*`, `**`), or a manifest "
+        "file (.txt with one URI a line, .csv or .parquet with a `uri` column)."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for the input filesystem (e.g. s3fs `endpoint_url`, `anon`). "
+        "Never logged. Prefer the standard AWS_* environment variables for credentials.",
+    )
+    extensions: tuple[str, ...] = Field(
+        default=IMAGE_EXTENSIONS,
+        description="File extensions (case-insensitive, no dot) treated as images; others are ignored.",
+    )
+    max_pixels: PositiveInt = Field(
+        default=178_956_970,
+        description="Images with more pixels than this are refused as `too_large` before decoding "
+        "(decompression-bomb guard).",
+    )
+    max_bytes: PositiveInt = Field(
+        default=512 * 1024 * 1024,
+        description="Files larger than this are refused as `too_large` before they are fetched.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("expected a path or URI, but got an empty string")
+        return v.strip()
+
+    @field_validator("extensions")
+    @classmethod
+    def _norm_ext(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(e.lower().lstrip(".") for e in v)
+
+
+class ModelSpec(_Strict):
+    task: Literal["semantic", "instance"] = Field(description="`semantic` (label map) or `instance` (masks per object).")
+    arch: str | None = Field(
+        default=None,
+        description="A torchvision architecture name (see README) or a user factory `package.module:function`. "
+        "May be omitted only for `builtin:` weights.",
+    )
+    weights: str = Field(
+        default="none",
+        description="`none` (random init, seeded), `torchvision` (the arch's DEFAULT weights via torchvision's "
+        "cache), or a path/fsspec URI of a state_dict checkpoint.",
+    )
+    sha256: str | None = Field(default=None, description="Expected sha256 of the checkpoint file; verified before use.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for reading the checkpoint. Never logged."
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Directory for torchvision weight files (default: torch hub's, `$TORCH_HOME/hub/checkpoints`).",
+    )
+    num_classes: PositiveInt | None = Field(
+        default=None,
+        description="Number of output classes including background. Default: from the weights, else `classes`, "
+        "else torchvision's default for the arch.",
+    )
+    classes: tuple[str, ...] | None = Field(
+        default=None, description="Class names, index = label. Default: from the weights' metadata."
+    )
+    batch_size: PositiveInt = Field(default=4, description="Images per model call on one actor.")
+    score_threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="Instance jobs: drop detections below this score.")
+    mask_threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="Instance jobs: mask probability cut-off.")
+    max_detections: PositiveInt = Field(default=100, description="Instance jobs: most instances kept per image.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        default="fp32", description="Autocast precision on CUDA; CPU actors always run fp32."
+    )
+    resize: PositiveInt | tuple[PositiveInt, PositiveInt] | None = Field(
+        default=None,
+        description="Semantic: resize the shorter side to N, or to [height, width], before the model "
+        "(masks are resized back). Instance: Mask R-CNN's own `min_size`. Default: none for checkpoints, "
+        "the weights' preset for torchvision weights.",
+    )
+    mean: tuple[float, float, float] | None = Field(
+        default=None, description="Normalisation mean (RGB, 0-1 scale). Default: ImageNet's."
+    )
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = Field(
+        default=None, description="Normalisation std (RGB, 0-1 scale). Default: ImageNet's."
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str | None) -> str | None:
+        if v is None or v in SEMANTIC_ARCHS or v in INSTANCE_ARCHS or _FACTORY_RE.match(v):
+            return v
+        known = ", ".join(SEMANTIC_ARCHS + INSTANCE_ARCHS)
+        raise ValueError(f"expected one of {known} or a factory 'package.module:function'")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            raise ValueError("expected 64 hex digits")
+        return v.lower() if v else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelSpec":
+        if self.arch is None and not self.weights.startswith("builtin:"):
+            raise ValueError("model.arch is required unless model.weights is a builtin: model")
+        if self.arch in SEMANTIC_ARCHS and self.task != "semantic":
+            raise ValueError(f"arch '{self.arch}' is a semantic model, but task is '{self.task}'")
+        if self.arch in INSTANCE_ARCHS and self.task != "instance":
+            raise ValueError(f"arch '{self.arch}' is an instance model, but task is '{self.task}'")
+        if self.classes is not None and self.num_classes is not None and len(self.classes) != self.num_classes:
+            raise ValueError(
+                f"model.num_classes is {self.num_classes} but model.classes names {len(self.classes)} classes"
+            )
+        if self.weights == "torchvision" and self.arch is not None and ":" in self.arch:
+            raise ValueError("weights 'torchvision' needs a torchvision arch, not a user factory")
+        return self
+
+
+class OutputSpec(_Strict):
+    uri: str = Field(description="Prefix/folder that receives masks/, metadata/, errors/ and runs/.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for the output filesystem. Never logged."
+    )
+    instance_png: bool = Field(
+        default=False, description="Instance jobs: also write a 16-bit instance-id PNG per image under masks/."
+    )
+    commit_rows: PositiveInt = Field(
+        default=1000, description="Metadata rows per committed Parquet part (a commit also happens every commit_seconds)."
+    )
+    commit_seconds: PositiveFloat = Field(default=30.0, description="Longest time finished rows wait before they are committed.")
+
+    @field_validator("uri")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("expected a path or URI, but got an empty string")
+        return v.strip()
+
+
+class ComputeSpec(_Strict):
+    actors: PositiveInt | tuple[PositiveInt, PositiveInt] = Field(
+        default=1, description="Predict actors: a fixed N, or [min, max] for an autoscaling pool."
+    )
+    gpus_per_actor: NonNegativeFloat = Field(default=0.0, description="GPUs each predict actor reserves (fractions allowed).")
+    cpus_per_actor: PositiveFloat = Field(
+        default=1.0, description="CPUs each predict actor reserves; also its torch thread count (rounded, ≥1)."
+    )
+    cpus_per_loader: PositiveFloat = Field(default=1.0, description="CPUs each load (fetch + decode) task reserves.")
+    memory_per_loader: PositiveInt = Field(
+        default=256 * 1024 * 1024,
+        description="Memory (bytes) each load task reserves for its decoded images; keeps decode in its own stage.",
+    )
+    load_batch_size: PositiveInt = Field(default=16, description="Images fetched concurrently and decoded per load task.")
+    fetch_concurrency: PositiveInt = Field(default=16, description="Concurrent object fetches within one load task.")
+
+    @field_validator("actors")
+    @classmethod
+    def _range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(v, tuple) and v[0] > v[1]:
+            raise ValueError(f"expected [min, max] with min <= max, but got [{v[0]}, {v[1]}]")
+        return v
+
+
+class RunSpec(_Strict):
+    max_error_fraction: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="The job exits non-zero (after writing everything) when more than this share of items failed.",
+    )
+
+
+class JobSpec(_Strict):
+    name: str = Field(description="Job name: letters, digits, `_ . -`; used in run ids and submission ids.")
+    input: InputSpec
+    model: ModelSpec
+    output: OutputSpec
+    compute: ComputeSpec = Field(default_factory=ComputeSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("expected letters, digits, '_', '.' or '-' (at most 100)")
+        return v
+
+    def redacted(self) -> dict[str, Any]:
+        """The spec as a dict with every storage_options value hidden: safe for manifests and logs."""
+        data = self.model_dump(mode="json")
+        for section in ("input", "model", "output"):
+            opts = data[section].get("storage_options")
+            if opts:
+                data[section]["storage_options"] = {k: "***" for k in opts}
+        return data
+
+    def result_fingerprint(self, weights_sha256: str) -> str:
+        """Digest of everything that changes a prediction (model, weights, preprocessing)."""
+        m = self.model
+        keys = {
+            "task": m.task,
+            "arch": m.arch,
+            "weights_sha256": weights_sha256,
+            "num_classes": m.num_classes,
+            "score_threshold": m.score_threshold,
+            "mask_threshold": m.mask_threshold,
+            "max_detections": m.max_detections,
+            "precision": m.precision,
+            "resize": m.resize,
+            "mean": m.mean,
+            "std": m.std,
+        }
+        return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _apply_override(data: dict[str, Any], assignment: str, source: str) -> None:
+    if "=" not in assignment:
+        raise SpecError(f"{source}: --set expected 'dotted.key=value', but got '{assignment}'")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise SpecError(f"{source}: --set expected 'dotted.key=value', but got '{assignment}'")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise SpecError(f"{source}: --set {key}: '{part}' is not a section")
+        node = nxt
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _format_error(err: ValidationError, data: dict[str, Any], source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<job>"
+    kind = first["type"]
+    if kind == "missing":
+        return f"{source}: missing required key '{loc}'"
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key '{loc}'"
+    value = first.get("input")
+    msg = first["msg"].removeprefix("Value error, ")
+    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{source}: key '{loc}' has invalid value {shown}: {msg}"
+
+
+def parse_job(data: Any, source: str = "<job>", overrides: list[str] | None = None) -> JobSpec:
+    """Validate a job dict (already parsed YAML), applying `--set` overrides first."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a YAML mapping at the top level, but got {type(data).__name__}")
+    for assignment in overrides or []:
+        _apply_override(data, assignment, source)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_error(e, data, source)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read and validate a job YAML file.
+
+    Raises:
+        SpecError: one line naming the file, the key and the problem.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SpecError(f"{source}: cannot read job file: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return parse_job(data, source, overrides)
