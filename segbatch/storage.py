@@ -150,7 +150,8 @@ def safe_relative_key(uri: str, base: str) -> str:
     if "\\" in decoded or any(ord(c) < 32 for c in decoded):
         raise UnsafeKeyError(f"unsafe key '{rel}': contains a backslash or control character")
     parts = [p for p in rel.split("/") if p not in ("", ".")]
-    if any(unquote(unquote(p)) in ("..", ".") or unquote(unquote(p)).startswith("/") for p in parts):
+    decoded_parts = decoded.split("/")
+    if ".." in decoded_parts or any(unquote(unquote(p)).startswith("/") for p in parts):
         raise UnsafeKeyError(f"unsafe key '{rel}': a path component climbs out of the prefix")
     if not parts:
         raise UnsafeKeyError(f"unsafe key '{rel}': empty after normalisation")

@@ -1,0 +1,101 @@
+"""Small CPU-friendly architectures: a narrow Mask R-CNN and a compact U-Net.
+
+Both follow torchvision's interfaces, so the pipeline treats them like any zoo model. Use them with
+the factory syntax, e.g. `arch: segbatch.models.small:maskrcnn_small`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+
+__all__ = ["maskrcnn_small", "unet_small"]
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class _TinyBackbone(nn.Module):
+    """Four stride-2 stages (strides 4, 8, 16, 32), widths 24-96."""
+
+    def __init__(self, widths: tuple[int, int, int, int] = (24, 48, 72, 96)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(_conv(3, 16, 2), _conv(16, widths[0], 2))
+        self.layer1 = _conv(widths[0], widths[0])
+        self.layer2 = nn.Sequential(_conv(widths[0], widths[1], 2), _conv(widths[1], widths[1]))
+        self.layer3 = nn.Sequential(_conv(widths[1], widths[2], 2), _conv(widths[2], widths[2]))
+        self.layer4 = nn.Sequential(_conv(widths[2], widths[3], 2), _conv(widths[3], widths[3]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - IntermediateLayerGetter calls children
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+
+def maskrcnn_small(num_classes: int = 4, fpn_channels: int = 64, min_size: int = 320, max_size: int = 512) -> MaskRCNN:
+    """torchvision's `MaskRCNN` with a narrow backbone, FPN and heads (about 1.5M parameters)."""
+    widths = (24, 48, 72, 96)
+    body = _TinyBackbone(widths)
+    backbone = BackboneWithFPN(
+        body,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=list(widths),
+        out_channels=fpn_channels,
+    )
+    anchors = AnchorGenerator(sizes=((16,), (32,), (64,), (128,), (256,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    box_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    mask_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=14, sampling_ratio=2)
+    return MaskRCNN(
+        backbone,
+        num_classes=None,
+        min_size=min_size,
+        max_size=max_size,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=box_pool,
+        box_head=TwoMLPHead(fpn_channels * 7 * 7, 256),
+        box_predictor=FastRCNNPredictor(256, num_classes),
+        mask_roi_pool=mask_pool,
+        mask_head=MaskRCNNHeads(fpn_channels, (64, 64, 64), 1),
+        mask_predictor=MaskRCNNPredictor(64, 64, num_classes),
+    )
+
+
+class UNetSmall(nn.Module):
+    """A compact U-Net (three down/up levels); returns `{"out": logits}` at the input size.
+
+    Inputs of any size work: skip connections are resized to match when a side is not a multiple of 8.
+    """
+
+    def __init__(self, num_classes: int = 4, width: int = 24) -> None:
+        super().__init__()
+        w = width
+        self.enc = nn.ModuleList([nn.Sequential(_conv(3, w), _conv(w, w)), _conv(w, 2 * w, 2), _conv(2 * w, 4 * w, 2)])
+        self.enc_more = nn.ModuleList([nn.Identity(), _conv(2 * w, 2 * w), _conv(4 * w, 4 * w)])
+        self.bottom = nn.Sequential(_conv(4 * w, 8 * w, 2), _conv(8 * w, 8 * w))
+        self.up = nn.ModuleList([_conv(8 * w + 4 * w, 4 * w), _conv(4 * w + 2 * w, 2 * w), _conv(2 * w + w, w)])
+        self.head = nn.Conv2d(w, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        skips = []
+        for enc, more in zip(self.enc, self.enc_more):
+            x = more(enc(x))
+            skips.append(x)
+        x = self.bottom(x)
+        for up, skip in zip(self.up, reversed(skips)):
+            x = nn.functional.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = up(torch.cat([x, skip], dim=1))
+        return OrderedDict(out=self.head(x))
+
+
+def unet_small(num_classes: int = 4) -> UNetSmall:
+    """Factory for :class:`UNetSmall` (about 0.6M parameters)."""
+    return UNetSmall(num_classes=num_classes)

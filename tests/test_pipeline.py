@@ -1,0 +1,155 @@
+"""End to end on a real local Ray: equivalence with direct model calls, outputs, error rows, resume."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+import torchvision
+from PIL import Image
+
+from segbatch.masks import decode_png_label_map, rle_to_mask
+from segbatch.models.small import maskrcnn_small
+from segbatch.pipeline import run_job
+from segbatch.sinks import read_committed
+from segbatch.spec import parse_job
+from tests.conftest import save_checkpoint, write_images
+
+MIXED_SIZES = [(72, 96), (96, 72), (72, 96), (64, 64), (72, 96), (80, 120), (96, 72)]
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def job(tmp_path: Path, images: Path, **model: object) -> dict:
+    return {
+        "name": "test",
+        "input": {"uri": str(images)},
+        "model": {"batch_size": 4, **model},
+        "output": {"uri": str(tmp_path / "out")},
+        "compute": {"actors": 1, "cpus_per_actor": 1, "load_batch_size": 4},
+    }
+
+
+def test_semantic_pipeline_equals_direct_calls(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = torchvision.models.get_model(
+        "lraspp_mobilenet_v3_large", weights=None, weights_backbone=None, num_classes=4
+    ).eval()
+    ckpt = save_checkpoint(model, tmp_path / "lraspp.pt")
+    paths = write_images(tmp_path / "in" / "nested", MIXED_SIZES, seed=1)
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "in" / "ignored.txt").write_text("not an image")
+    spec = parse_job(
+        job(tmp_path, tmp_path / "in", task="semantic", arch="lraspp_mobilenet_v3_large", weights=str(ckpt), num_classes=4)
+    )
+    result = run_job(spec)
+    assert (result.listed, result.processed, result.ok, result.errors) == (8, 8, 7, {"not_an_image": 1})
+
+    rows = {r["uri"]: r for r in read_committed(spec.output.uri, {}).to_pylist()}
+    assert len(rows) == 8
+    broken = rows[str(tmp_path / "in" / "broken.png")]
+    assert broken["status"] == "error" and broken["error_class"] == "not_an_image"
+    assert str(tmp_path / "in" / "broken.png") in broken["error"] and broken["mask_uri"] is None
+    for path in paths:
+        row = rows[str(path)]
+        assert row["status"] == "ok" and row["weights_sha256"] == result.weights_sha256
+        assert row["mask_uri"] == str(tmp_path / "out" / "masks" / "nested" / f"{path.name}.png")
+        mask = decode_png_label_map(Path(row["mask_uri"]).read_bytes())
+        image = np.asarray(Image.open(path).convert("RGB"))
+        assert (row["height"], row["width"]) == image.shape[:2] == mask.shape
+        x = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - IMAGENET_MEAN) / IMAGENET_STD
+        with torch.inference_mode():
+            expected = model(x[None])["out"][0].argmax(0).numpy()
+        assert (mask == expected).mean() >= 0.999, path.name
+        assert row["class_pixels"] == np.bincount(mask.ravel(), minlength=4).tolist()
+
+    manifest = json.loads(Path(result.manifest_uri).read_text())
+    assert manifest["counts"] == {"listed": 8, "skipped": 0, "processed": 8, "ok": 7, "error": {"not_an_image": 1}}
+    assert manifest["weights"]["sha256"] == result.weights_sha256
+    assert {"segbatch", "torch", "torchvision", "ray"} <= set(manifest["versions"])
+    errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
+    assert [e["uri"] for e in errors] == [str(tmp_path / "in" / "broken.png")]
+    assert pq.read_schema(next((tmp_path / "out" / "metadata").glob("*.parquet"))).metadata[
+        b"segbatch.schema_version"
+    ] == b"1"
+
+    # A rerun skips everything already committed and adds no rows.
+    again = run_job(spec)
+    assert (again.listed, again.skipped, again.processed) == (8, 8, 0)
+    assert read_committed(spec.output.uri, {}).num_rows == 8
+
+    # A different model on the same output is refused, not silently mixed in.
+    other = parse_job(job(tmp_path, tmp_path / "in", task="semantic", arch="lraspp_mobilenet_v3_large", weights="none", num_classes=4))
+    from segbatch.errors import JobError
+
+    with pytest.raises(JobError, match="already holds results made with another model"):
+        run_job(other)
+
+
+def _box_iou(a: list[float], b: list[float]) -> float:
+    ax1, ay1, ax2, ay2 = a[0], a[1], a[0] + a[2], a[1] + a[3]
+    bx1, by1, bx2, by2 = b[0], b[1], b[0] + b[2], b[1] + b[3]
+    iw, ih = max(0.0, min(ax2, bx2) - max(ax1, bx1)), max(0.0, min(ay2, by2) - max(ay1, by1))
+    inter = iw * ih
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter + 1e-9)
+
+
+def test_instance_pipeline_equals_direct_calls(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    model = maskrcnn_small(num_classes=4).eval()
+    ckpt = save_checkpoint(model, tmp_path / "small.pt")
+    paths = write_images(tmp_path / "in", MIXED_SIZES, seed=2, ext="jpg")
+    spec = parse_job(
+        {
+            **job(
+                tmp_path,
+                tmp_path / "in",
+                task="instance",
+                arch="segbatch.models.small:maskrcnn_small",
+                weights=str(ckpt),
+                num_classes=4,
+                score_threshold=0.2,
+                max_detections=8,
+            ),
+        }
+    )
+    result = run_job(spec)
+    assert result.ok == len(paths) and not result.errors
+    model.roi_heads.score_thresh = 0.2
+    model.roi_heads.detections_per_img = 8
+    rows = {r["uri"]: r for r in read_committed(spec.output.uri, {}).to_pylist()}
+    total = 0
+    for path in paths:
+        row = rows[str(path)]
+        image = np.asarray(Image.open(path).convert("RGB"))
+        with torch.inference_mode():
+            direct = model([torch.from_numpy(image).permute(2, 0, 1).float() / 255])[0]
+        got = row["instances"]
+        assert row["num_instances"] == len(got) == len(direct["scores"]), path.name
+        assert [g["score"] for g in got] == sorted((g["score"] for g in got), reverse=True)
+        for k in range(len(direct["scores"])):
+            box = direct["boxes"][k].tolist()
+            want = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+            match = max(got, key=lambda g: _box_iou(g["bbox"], want))
+            assert match["label"] == int(direct["labels"][k])
+            assert np.allclose(match["bbox"], want, rtol=1e-3, atol=1e-2)
+            mask = rle_to_mask(match["rle"], row["height"], row["width"])
+            expected = direct["masks"][k, 0].numpy() > 0.5
+            union = (mask | expected).sum()
+            assert union == 0 or (mask & expected).sum() / union >= 0.99
+            assert match["area"] == int(mask.sum())
+            total += 1
+    assert total > 0, "random weights produced no detections: lower score_threshold"

@@ -1,0 +1,116 @@
+"""Job files: strict validation with one clear line per problem, overrides, redaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segbatch.cli import main
+from segbatch.spec import SpecError, load_job, parse_job
+
+VALID = {
+    "name": "street-scenes",
+    "input": {"uri": "s3://photos/2026/"},
+    "model": {
+        "task": "semantic",
+        "arch": "deeplabv3_resnet50",
+        "weights": "torchvision",
+        "num_classes": 21,
+        "batch_size": 8,
+    },
+    "output": {"uri": "s3://labels/street-scenes/"},
+    "compute": {"actors": [1, 4], "gpus_per_actor": 1},
+}
+
+
+def write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_issue_example_parses(tmp_path: Path) -> None:
+    spec = load_job(write(tmp_path, VALID))
+    assert spec.model.arch == "deeplabv3_resnet50"
+    assert spec.compute.actors == (1, 4)
+    assert spec.compute.gpus_per_actor == 1.0
+    assert spec.model.batch_size == 8
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d["model"].update(colour="red"), "unknown key 'model.colour'"),
+        (lambda d: d.update(extra_section={}), "unknown key 'extra_section'"),
+        (lambda d: d["output"].pop("uri"), "missing required key 'output.uri'"),
+        (lambda d: d.pop("model"), "missing required key 'model'"),
+        (lambda d: d["model"].update(task="panoptic"), "key 'model.task' has invalid value \"panoptic\""),
+        (lambda d: d["model"].update(arch="resnet9000"), "key 'model.arch' has invalid value \"resnet9000\""),
+        (lambda d: d["model"].update(batch_size=0), "key 'model.batch_size' has invalid value 0"),
+        (lambda d: d["compute"].update(actors=[4, 1]), "key 'compute.actors'"),
+        (lambda d: d["model"].update(task="instance"), "is a semantic model, but task is 'instance'"),
+    ],
+)
+def test_bad_spec_is_one_line_naming_file_and_key(tmp_path: Path, mutate, expected: str) -> None:
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    mutate(data)
+    path = write(tmp_path, data)
+    with pytest.raises(SpecError) as err:
+        load_job(path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    assert expected in message
+
+
+def test_set_overrides_apply_yaml_values(tmp_path: Path) -> None:
+    spec = load_job(write(tmp_path, VALID), ["model.batch_size=16", "compute.actors=[2, 3]", "model.precision=bf16"])
+    assert spec.model.batch_size == 16
+    assert spec.compute.actors == (2, 3)
+    assert spec.model.precision == "bf16"
+    with pytest.raises(SpecError, match="unknown key 'model.bogus'"):
+        load_job(write(tmp_path, VALID), ["model.bogus=1"])
+    with pytest.raises(SpecError, match="dotted.key=value"):
+        load_job(write(tmp_path, VALID), ["model.batch_size"])
+
+
+def test_builtin_weights_need_no_arch() -> None:
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    data["model"] = {"task": "instance", "weights": "builtin:shapes"}
+    assert parse_job(data).model.arch is None
+    data["model"] = {"task": "instance", "weights": "none"}
+    with pytest.raises(SpecError, match="model.arch is required"):
+        parse_job(data)
+
+
+def test_redacted_hides_storage_options() -> None:
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    data["input"]["storage_options"] = {"key": "AKIA-SECRET", "secret": "hunter2"}
+    spec = parse_job(data)
+    text = str(spec.redacted())
+    assert "hunter2" not in text and "AKIA-SECRET" not in text
+    assert spec.redacted()["input"]["storage_options"] == {"key": "***", "secret": "***"}
+
+
+def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(write(tmp_path, VALID))]) == 0
+    assert "ok" in capsys.readouterr().out
+    bad = yaml.safe_load(yaml.safe_dump(VALID))
+    bad["model"]["task"] = "panoptic"
+    assert main(["validate", str(write(tmp_path, bad))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.task" in err and "panoptic" in err and "job.yaml" in err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read job file" in capsys.readouterr().err
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    assert main(["validate", str(tmp_path / "broken.yaml")]) == 2
+    assert "not valid YAML at line" in capsys.readouterr().err
+
+
+def test_shipped_jobs_validate() -> None:
+    jobs = sorted(Path(__file__).resolve().parent.parent.joinpath("jobs").glob("*.yaml"))
+    assert jobs
+    for job in jobs:
+        load_job(job)

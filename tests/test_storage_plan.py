@@ -1,0 +1,120 @@
+"""Listing, manifests, stable item ids and safe output keys (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from segbatch.plan import item_id_for, plan_items
+from segbatch.spec import InputSpec
+from segbatch.storage import UnsafeKeyError, list_objects, safe_relative_key, write_bytes_atomic
+from segbatch.spec import IMAGE_EXTENSIONS
+
+
+def touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    for name in ["a.jpg", "b.JPEG", "c.Png", "sub/d.tif", "sub/deeper/e.TIFF", "f.webp", "g.bmp", "h.gif"]:
+        touch(root / name)
+    for name in ["notes.txt", "sub/data.json", "noext", "archive.jpg.zip"]:
+        touch(root / name)
+    return root
+
+
+def test_prefix_listing_is_recursive_and_case_insensitive(tree: Path) -> None:
+    objects, base = list_objects(str(tree), {}, IMAGE_EXTENSIONS)
+    names = sorted(Path(o.uri).relative_to(tree).as_posix() for o in objects)
+    assert names == ["a.jpg", "b.JPEG", "c.Png", "f.webp", "g.bmp", "h.gif", "sub/d.tif", "sub/deeper/e.TIFF"]
+    assert base == str(tree)
+    assert all(o.size == 1 and o.version for o in objects)
+
+
+def test_glob_listing(tree: Path) -> None:
+    objects, base = list_objects(str(tree / "sub" / "**" / "*"), {}, IMAGE_EXTENSIONS)
+    assert sorted(Path(o.uri).name for o in objects) == ["d.tif", "e.TIFF"]
+    assert base == str(tree / "sub")
+
+
+@pytest.mark.parametrize("kind", ["txt", "csv", "parquet"])
+def test_manifests(tree: Path, kind: str) -> None:
+    entries = ["a.jpg", str(tree / "sub" / "d.tif"), "notes.txt"]
+    manifest = tree / f"list.{kind}"
+    if kind == "txt":
+        manifest.write_text("# comment\n" + "\n".join(entries) + "\n\n")
+    elif kind == "csv":
+        manifest.write_text("uri,label\n" + "\n".join(f"{e},x" for e in entries) + "\n")
+    else:
+        pq.write_table(pa.table({"uri": entries}), manifest)
+    items, listed, skipped = plan_items(InputSpec(uri=str(manifest)))
+    assert listed == 2 and skipped == 0
+    assert sorted(Path(i.uri).name for i in items) == ["a.jpg", "d.tif"]
+    assert {safe_relative_key(i.uri, i.base) for i in items} == {"a.jpg", "sub/d.tif"}
+
+
+def test_manifest_without_uri_column_is_a_clear_error(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path\na.jpg\n")
+    with pytest.raises(ValueError, match="expected a 'uri' column"):
+        plan_items(InputSpec(uri=str(manifest)))
+
+
+def test_item_ids_are_stable_and_version_sensitive(tree: Path) -> None:
+    first, _, _ = plan_items(InputSpec(uri=str(tree)))
+    again, _, _ = plan_items(InputSpec(uri=str(tree)))
+    assert [i.item_id for i in first] == [i.item_id for i in again]
+    assert len({i.item_id for i in first}) == len(first)
+    assert item_id_for("s3://b/k.jpg", "etag1") != item_id_for("s3://b/k.jpg", "etag2")
+    touch(tree / "a.jpg", b"changed content")
+    changed, _, _ = plan_items(InputSpec(uri=str(tree)))
+    diff = {i.uri for i in changed} - {i.uri for i in first if i.item_id in {c.item_id for c in changed}}
+    assert diff == {str(tree / "a.jpg")}
+
+
+def test_done_items_are_skipped(tree: Path) -> None:
+    items, listed, _ = plan_items(InputSpec(uri=str(tree)))
+    todo, listed2, skipped = plan_items(InputSpec(uri=str(tree)), done={items[0].item_id, items[1].item_id})
+    assert listed2 == listed and skipped == 2 and len(todo) == listed - 2
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "s3://bucket/in/../../etc/passwd.jpg",
+        "s3://bucket/in/%2e%2e/x.jpg",
+        "s3://bucket/in/%252e%252e/x.jpg",
+        "s3://bucket/in/sub/..%2fx.jpg",
+        "s3://bucket/in/a\\..\\b.jpg",
+        "s3://bucket/in/%2fetc/x.jpg",
+        "s3://bucket/in/bad\x00name.jpg",
+    ],
+)
+def test_unsafe_keys_are_refused(key: str) -> None:
+    with pytest.raises(UnsafeKeyError):
+        safe_relative_key(key, "s3://bucket/in")
+
+
+def test_safe_keys_mirror_the_input_layout() -> None:
+    assert safe_relative_key("s3://bucket/in/a/b.jpg", "s3://bucket/in") == "a/b.jpg"
+    assert safe_relative_key("s3://bucket/in//a/./b.jpg", "s3://bucket/in/") == "a/b.jpg"
+    assert safe_relative_key("s3://other/x/y.jpg", "s3://bucket/in") == "other/x/y.jpg"
+    assert safe_relative_key("/data/in/x.png", "/data/in") == "x.png"
+
+
+def test_atomic_local_write_leaves_no_temporaries(tmp_path: Path) -> None:
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    target = tmp_path / "deep" / "out.bin"
+    write_bytes_atomic(fs, str(target), b"one")
+    write_bytes_atomic(fs, str(target), b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in target.parent.iterdir()] == ["out.bin"]
