@@ -1,4 +1,4 @@
-"""`segbatch` command line: run | validate | demo.
+"""`segbatch` command line: run | validate | demo | submit.
 
 Exit codes: 0 the job finished (per-item errors within `run.max_error_fraction`); 1 the job failed
 (a job-level error, or too many item errors: everything is still written); 2 a bad job file or
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from segbatch.errors import JobError
 from segbatch.spec import SpecError, load_job
+from segbatch.submit import add_submit_parser, cmd_submit
 
 __all__ = ["main", "format_summary"]
 
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo = sub.add_parser("demo", help="generate sample images and run jobs/demo.yaml on them")
     demo.add_argument("--workdir", default=".", help="where demo-data/ and demo-output/ go (default: .)")
+    add_submit_parser(sub)
     return parser
 
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        handler = {"run": _cmd_run, "validate": _cmd_validate, "demo": _cmd_demo}[args.command]
+        handler = {"run": _cmd_run, "validate": _cmd_validate, "demo": _cmd_demo, "submit": cmd_submit}[args.command]
         return handler(args)
     except SpecError as e:
         print(f"segbatch: error: {e}", file=sys.stderr)

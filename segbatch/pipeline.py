@@ -227,8 +227,8 @@ def run_job(spec: JobSpec) -> RunResult:
         raise
     except FileNotFoundError as e:
         raise JobError(f"input.uri '{spec.input.uri}': not found ({e})") from None
-    except (OSError, ValueError, PermissionError) as e:
-        raise JobError(f"storage error while planning: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to list is a job-level problem, reported in one line
+        raise JobError(f"cannot list input.uri '{spec.input.uri}': {type(e).__name__}: {e}") from None
     logger.info("planned %d items (%d listed, %d already done)", len(items), result.listed, result.skipped)
 
     constants = {

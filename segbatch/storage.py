@@ -121,7 +121,7 @@ def list_objects(
         found = fs.glob(path, detail=True)
     else:
         base = path.rstrip("/")
-        if fs.isfile(path):
+        if not uri.endswith("/") and fs.isfile(path):  # a trailing '/' means a prefix: no HEAD request
             found = {path: fs.info(path)}
             base = posixpath.dirname(path)
         else:
