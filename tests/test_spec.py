@@ -114,3 +114,22 @@ def test_shipped_jobs_validate() -> None:
     assert jobs
     for job in jobs:
         load_job(job)
+
+
+def _field_paths(model: type, prefix: str = "") -> list[str]:
+    from pydantic import BaseModel
+    import typing
+
+    paths = []
+    for name, f in model.model_fields.items():
+        subs = [c for c in (f.annotation, *typing.get_args(f.annotation)) if isinstance(c, type) and issubclass(c, BaseModel)]
+        paths += _field_paths(subs[0], f"{prefix}{name}.") if subs else [f"{prefix}{name}"]
+    return paths
+
+
+def test_readme_documents_every_key() -> None:
+    from segbatch.spec import JobSpec
+
+    readme = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    missing = [p for p in _field_paths(JobSpec) if f"| `{p}` |" not in readme]
+    assert not missing, f"README.md lacks rows for {missing}"

@@ -1,0 +1,68 @@
+"""The `segbatch` console script as a user runs it: exit codes, one-line errors, the summary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from tests.conftest import write_images
+
+SEGBATCH = str(Path(sys.executable).with_name("segbatch"))
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SEGBATCH, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def write_job(tmp_path: Path, **model: object) -> Path:
+    job = {
+        "name": "cli-test",
+        "input": {"uri": str(tmp_path / "in")},
+        "model": {"task": "semantic", "arch": "segbatch.models.small:unet_small", "num_classes": 4, **model},
+        "output": {"uri": str(tmp_path / "out")},
+        "run": {"max_error_fraction": 0.0},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_run_exit_codes_budget_and_summary(tmp_path: Path) -> None:
+    write_images(tmp_path / "in", [(40, 56), (56, 40), (40, 40)])
+    (tmp_path / "in" / "zz-corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    job = write_job(tmp_path)
+
+    over_budget = run_cli("run", str(job), cwd=tmp_path)
+    assert over_budget.returncode == 1, over_budget.stderr[-2000:]
+    assert "FAILED (error budget exceeded)" in over_budget.stdout
+    # Everything was still written: 4 rows committed, 3 masks.
+    rows = pq.read_table(tmp_path / "out" / "metadata").to_pylist()
+    assert sorted(r["status"] for r in rows) == ["error", "ok", "ok", "ok"]
+    assert len(list((tmp_path / "out" / "masks").glob("*.png"))) == 3
+
+    within = run_cli("run", str(job), "--set", "run.max_error_fraction=0.5", cwd=tmp_path)
+    assert within.returncode == 0, within.stderr[-2000:]
+    summary = within.stdout
+    assert "listed 4 · skipped 4 (already done) · processed 0" in summary
+    assert f"{tmp_path / 'out'}/masks/" in summary and "manifest" in summary
+
+
+def test_job_errors_are_one_line_and_exit_1(tmp_path: Path) -> None:
+    write_images(tmp_path / "in", [(32, 32)])
+    missing = run_cli("run", str(write_job(tmp_path, weights=str(tmp_path / "nope.pt"))), cwd=tmp_path)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1] == f"segbatch: job failed: model.weights: checkpoint '{tmp_path / 'nope.pt'}' not found"
+    assert "Started a local Ray" not in missing.stderr  # refused before Ray starts
+
+    job = write_job(tmp_path)
+    gpu = run_cli("run", str(job), "--set", "compute.gpus_per_actor=1", cwd=tmp_path)
+    assert gpu.returncode == 1
+    assert "compute.gpus_per_actor is 1.0 but the Ray cluster has no GPUs" in gpu.stderr
+
+    bad = run_cli("run", str(job), "--set", "model.task=panoptic", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"segbatch: error: {job}: key 'model.task' has invalid value \"panoptic\": Input should be 'semantic' or 'instance'"
