@@ -13,10 +13,10 @@ defined by us because PIL's result is useless for them:
   0..255; then clipped to 0..255 (NaN → 0, ±inf → 255 / 0).
 
 Everything else is PIL's: gray → replicated, RGBA/LA → alpha dropped (not composited), palette →
-looked up (transparency dropped), CMYK → PIL's naive inversion (`(255 - c) * (255 - k) / 255`,
-no ICC profile), 1-bit → 0/255, 16-bit RGB/RGBA PNG → the high byte of each sample (`v >> 8`). EXIF orientation
-is applied first (an unreadable EXIF block is ignored: the pixels are kept as stored); animated GIF /
-multi-page TIFF give their first frame.
+looked up (transparency dropped), CMYK → PIL's naive inversion (`R = (255 - C) * (255 - K) / 255`,
+likewise G, B; no ICC profile), 1-bit → 0/255, 16-bit RGB/RGBA PNG → the high byte of each sample
+(`v >> 8`). EXIF orientation is applied first (an unreadable EXIF block is ignored: the pixels are kept
+as stored); animated GIF / multi-page TIFF give their first frame.
 
 Every failure is an :class:`~segbatch.errors.ItemError` whose message starts with the file's URI:
 
@@ -133,8 +133,8 @@ def decode_image(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
             raise ItemError("too_large", f"{uri}: not enough memory to decode {im.width}x{im.height} pixels") from None
         except Exception as e:  # noqa: BLE001 - a decoder failure is data, never a dead job
             raise _decode_error(uri, im.format, e) from None
-        im = _orient(im, uri)
         try:
+            im = _orient(im, uri)
             return to_rgb(im)
         except MemoryError:
             raise ItemError("too_large", f"{uri}: not enough memory to convert {im.width}x{im.height} pixels") from None
@@ -149,7 +149,9 @@ def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data), formats=_FORMATS)
     except Image.DecompressionBombError as e:
-        raise ItemError("too_large", f"{uri}: refused before decoding: {e}") from None
+        # PIL's own guard (see _pil_pixel_limit) fired first: the header claims more than max_pixels
+        message = f"{uri}: refused before decoding: exceeds input.max_pixels={max_pixels}: {e}"
+        raise ItemError("too_large", message) from None
     except UnidentifiedImageError:
         raise _unidentified(data, uri) from None
     except Exception as e:  # noqa: BLE001 - e.g. a header cut short inside a recognised format
@@ -217,7 +219,7 @@ def _sniff(data: bytes) -> str | None:
         return "TIFF"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
-    if data[:2] == b"BM" and len(data) >= 18 and int.from_bytes(data[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
+    if data[:2] == b"BM" and int.from_bytes(data[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):  # DIB header size
         return "BMP"
     if data[4:8] == b"ftyp":
         brand = data[8:12]
@@ -314,9 +316,8 @@ class Loader:
             if plan_errors[i]:
                 result = ItemError("unsafe_key", plan_errors[i])
             elif i not in fetched:
-                result = ItemError(
-                    "too_large", f"{uri}: {sizes[i]} bytes exceeds input.max_bytes={self.max_bytes}; refused before fetching"
-                )
+                message = f"{uri}: {sizes[i]} bytes exceeds input.max_bytes={self.max_bytes}; refused before fetching"
+                result = ItemError("too_large", message)
             else:
                 got = fetched[i]
                 if isinstance(got, ItemError):

@@ -156,3 +156,35 @@ def test_model_failure_on_one_image_is_an_error_row(tmp_path: Path) -> None:
     assert list(out["status"]) == ["ok", "error", "ok"]
     assert out["error_class"][1] == "model_failed"
     assert "/in/img1.png" in out["error"][1] and "boom" in out["error"][1]
+
+
+ALL_ARCHS = [
+    ("semantic", "fcn_resnet50"),
+    ("semantic", "fcn_resnet101"),
+    ("semantic", "deeplabv3_resnet50"),
+    ("semantic", "deeplabv3_resnet101"),
+    ("semantic", "deeplabv3_mobilenet_v3_large"),
+    ("semantic", "lraspp_mobilenet_v3_large"),
+    ("instance", "maskrcnn_resnet50_fpn"),
+    ("instance", "maskrcnn_resnet50_fpn_v2"),
+    ("semantic", "segbatch.models.small:unet_small"),
+    ("instance", "segbatch.models.small:maskrcnn_small"),
+]
+
+
+@pytest.mark.parametrize(("task", "arch"), ALL_ARCHS)
+def test_every_arch_builds_and_predicts_at_input_size(task: str, arch: str) -> None:
+    spec = ModelSpec(task=task, arch=arch, weights="none", num_classes=5, score_threshold=0.0, resize=64 if task == "instance" else None)
+    pred = Predictor(task, resolve_weights(spec), {"batch_size": 2, "score_threshold": 0.0, "max_detections": 3, "instance_png": True})
+    image = np.random.default_rng(0).integers(0, 256, size=(40, 52, 3), dtype=np.uint8)
+    out = pred(_batch([image, image]))
+    assert list(out["status"]) == ["ok", "ok"]
+    assert out["label_map"][0].shape == (40, 52)
+    if task == "semantic":
+        assert out["label_map"][0].max() < 5 and out["class_pixels"][0].sum() == 40 * 52
+    else:
+        import json
+
+        instances = json.loads(out["instances"][0])
+        assert len(instances) <= 3 and all(0 <= i["label"] < 5 for i in instances)
+        assert out["label_map"][0].max() <= len(instances)
