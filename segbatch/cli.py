@@ -29,7 +29,8 @@ def format_summary(result: "RunResult") -> str:  # type: ignore[name-defined]  #
     lines = [
         f"segbatch: run {result.run_id} {verdict} in {result.wall_seconds:.1f} s",
         f"  items      listed {result.listed} · skipped {result.skipped} (already done) · "
-        f"processed {result.processed} · ok {result.ok} · error {result.error_count}",
+        f"processed {result.processed} ({result.new} new, {result.changed} changed) · ok {result.ok} · "
+        f"error {result.error_count} · storage retries {result.retried}",
         f"  errors     {errors} (fraction {result.error_fraction:.3f}, budget {result.max_error_fraction:.3f})",
         f"  speed      {result.images_per_second:.2f} images/s over {result.stream_seconds:.1f} s of streaming",
         f"  masks      {out}/masks/",
@@ -56,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job (local Ray, or the cluster in RAY_ADDRESS)")
     _add_job_args(run)
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="redo every item even if the output holds results (earlier parts move to superseded/)",
+    )
     val = sub.add_parser("validate", help="check a job file without running it")
     _add_job_args(val)
     val.add_argument(
@@ -71,7 +77,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = load_job(args.job, args.overrides)
     from segbatch.pipeline import run_job
 
-    result = run_job(spec)
+    result = run_job(spec, force=args.force)
     print(format_summary(result), flush=True)
     return EXIT_FAILED if result.failed_budget else EXIT_OK
 

@@ -45,7 +45,10 @@ class RunResult:
     manifest_uri: str
     listed: int = 0
     skipped: int = 0
+    new: int = 0
+    changed: int = 0
     processed: int = 0
+    retried: int = 0
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     wall_seconds: float = 0.0
@@ -137,18 +140,52 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _check_ledger(spec: JobSpec, fingerprint: str) -> set[str]:
-    """Item ids already committed under the output, refusing results from a different model setup."""
-    committed = read_committed(spec.output.uri, spec.output.storage_options, columns=["item_id", "fingerprint"])
-    if committed.num_rows:
-        others = set(pc.unique(committed["fingerprint"]).to_pylist()) - {fingerprint}
-        if others:
-            raise JobError(
-                f"output.uri '{spec.output.uri}' already holds results made with another model, weights or "
-                f"preprocessing (fingerprint {sorted(others)[0]}, this job's is {fingerprint}); "
-                "write to a new output.uri"
-            )
-    return set(committed["item_id"].to_pylist())
+@dataclass(slots=True)
+class Ledger:
+    """What an output prefix already holds: committed item ids and the URIs they came from."""
+
+    done: set[str]
+    uris: set[str]
+
+
+def _read_ledger(spec: JobSpec, fingerprint: str, force: bool, run_id: str) -> Ledger:
+    """Committed items under the output, refusing results from a different model setup.
+
+    With `force`, earlier parts are moved aside to `superseded/<run_id>/` (never deleted) and
+    everything is redone.
+    """
+    committed = read_committed(
+        spec.output.uri, spec.output.storage_options, columns=["item_id", "uri", "fingerprint"]
+    )
+    if not committed.num_rows:
+        return Ledger(set(), set())
+    if force:
+        _supersede(spec, run_id)
+        return Ledger(set(), set())
+    others = set(pc.unique(committed["fingerprint"]).to_pylist()) - {fingerprint}
+    if others:
+        raise JobError(
+            f"output.uri '{spec.output.uri}' already holds results made with another model, weights or "
+            f"preprocessing (fingerprint {sorted(others)[0]}, this job's is {fingerprint}); "
+            "write to a new output.uri, or pass --force to redo everything (earlier results are kept "
+            "under superseded/)"
+        )
+    return Ledger(set(committed["item_id"].to_pylist()), set(committed["uri"].to_pylist()))
+
+
+def _supersede(spec: JobSpec, run_id: str) -> None:
+    fs, root = filesystem(spec.output.uri, spec.output.storage_options)
+    root = root.rstrip("/")
+    for folder in ("metadata", "errors"):
+        try:
+            parts = [p for p in fs.find(f"{root}/{folder}") if p.endswith(".parquet")]
+        except FileNotFoundError:
+            continue
+        target = f"{root}/superseded/{run_id}/{folder}"
+        fs.makedirs(target, exist_ok=True)
+        for part in parts:
+            fs.mv(part, f"{target}/{part.rsplit('/', 1)[1]}")
+    logger.warning("--force: earlier results moved to %s/superseded/%s/", spec.output.uri.rstrip("/"), run_id)
 
 
 def build_dataset(spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWeights) -> Any:
@@ -206,7 +243,7 @@ def build_dataset(spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWe
     return ds
 
 
-def run_job(spec: JobSpec) -> RunResult:
+def run_job(spec: JobSpec, force: bool = False) -> RunResult:
     """Run a job to completion: every listed item ends as exactly one committed row.
 
     Raises:
@@ -220,9 +257,11 @@ def run_job(spec: JobSpec) -> RunResult:
     weights = resolve_weights(spec.model)
     result.weights_sha256 = weights.sha256
     fingerprint = spec.result_fingerprint(weights.sha256)
+    ledger = _read_ledger(spec, fingerprint, force, run_id)
     try:
-        done = _check_ledger(spec, fingerprint)
-        items, result.listed, result.skipped = plan_items(spec.input, done)
+        items, result.listed, result.skipped = plan_items(spec.input, ledger.done)
+        result.changed = sum(1 for it in items if it.uri in ledger.uris)
+        result.new = len(items) - result.changed
     except JobError:
         raise
     except FileNotFoundError as e:
@@ -262,6 +301,8 @@ def run_job(spec: JobSpec) -> RunResult:
                 committer.add(table)
                 for status, cls in zip(batch["status"], batch["error_class"]):
                     counts["ok" if status == "ok" else str(cls)] += 1
+                if "retries" in batch:
+                    result.retried += int(np.sum(batch["retries"]))
             committer.flush()
         finally:
             committer.flush()
@@ -299,7 +340,10 @@ def _write_manifest(
         "counts": {
             "listed": result.listed,
             "skipped": result.skipped,
+            "new": result.new,
+            "changed": result.changed,
             "processed": result.processed,
+            "retried": result.retried,
             "ok": result.ok,
             "error": result.errors,
         },

@@ -56,12 +56,12 @@ def test_semantic_pipeline_equals_direct_calls(tmp_path: Path) -> None:
         job(tmp_path, tmp_path / "in", task="semantic", arch="lraspp_mobilenet_v3_large", weights=str(ckpt), num_classes=4)
     )
     result = run_job(spec)
-    assert (result.listed, result.processed, result.ok, result.errors) == (8, 8, 7, {"not_an_image": 1})
+    assert (result.listed, result.processed, result.ok, result.errors) == (8, 8, 7, {"truncated": 1})
 
     rows = {r["uri"]: r for r in read_committed(spec.output.uri, {}).to_pylist()}
     assert len(rows) == 8
     broken = rows[str(tmp_path / "in" / "broken.png")]
-    assert broken["status"] == "error" and broken["error_class"] == "not_an_image"
+    assert broken["status"] == "error" and broken["error_class"] == "truncated"
     assert str(tmp_path / "in" / "broken.png") in broken["error"] and broken["mask_uri"] is None
     for path in paths:
         row = rows[str(path)]
@@ -77,7 +77,16 @@ def test_semantic_pipeline_equals_direct_calls(tmp_path: Path) -> None:
         assert row["class_pixels"] == np.bincount(mask.ravel(), minlength=4).tolist()
 
     manifest = json.loads(Path(result.manifest_uri).read_text())
-    assert manifest["counts"] == {"listed": 8, "skipped": 0, "processed": 8, "ok": 7, "error": {"not_an_image": 1}}
+    assert manifest["counts"] == {
+        "listed": 8,
+        "skipped": 0,
+        "new": 8,
+        "changed": 0,
+        "processed": 8,
+        "retried": 0,
+        "ok": 7,
+        "error": {"truncated": 1},
+    }
     assert manifest["weights"]["sha256"] == result.weights_sha256
     assert {"segbatch", "torch", "torchvision", "ray"} <= set(manifest["versions"])
     errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
@@ -97,6 +106,13 @@ def test_semantic_pipeline_equals_direct_calls(tmp_path: Path) -> None:
 
     with pytest.raises(JobError, match="already holds results made with another model"):
         run_job(other)
+
+    # --force redoes everything with the new model; earlier parts are kept aside, not mixed in.
+    forced = run_job(other, force=True)
+    assert (forced.skipped, forced.processed) == (0, 8)
+    now = read_committed(spec.output.uri, {}).to_pylist()
+    assert len(now) == 8 and {r["weights_sha256"] for r in now} == {"none"}
+    assert len(list((tmp_path / "out" / "superseded").rglob("*.parquet"))) == 2
 
 
 def _box_iou(a: list[float], b: list[float]) -> float:
