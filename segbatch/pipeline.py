@@ -232,7 +232,7 @@ def build_dataset(spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWe
     )
     ds = ds.map_batches(
         _write_batch,
-        batch_size=64,
+        batch_size=None,  # whole blocks as they come: rows reach the committer without waiting for others
         num_cpus=0.25,
         fn_kwargs={
             "output_uri": spec.output.uri,
