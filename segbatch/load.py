@@ -20,7 +20,8 @@ as stored); animated GIF / multi-page TIFF give their first frame.
 
 Every failure is an :class:`~segbatch.errors.ItemError` whose message starts with the file's URI:
 
-* `unreadable`: the object cannot be fetched (missing, permission denied, storage error).
+* `unreadable`: the object cannot be fetched (missing, permission denied, or a storage error that
+  outlasted the retries of :mod:`segbatch.retry`; the message then says how many).
 * `too_large`: the listed or fetched size exceeds `max_bytes` (checked before fetching, and the read
   stops at `max_bytes + 1`), or the header's width x height exceeds `max_pixels` (checked right after
   `Image.open`, which reads only the header, so a decompression bomb is never decoded).
@@ -44,6 +45,7 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from segbatch.errors import ItemError
+from segbatch.retry import Retries, call_with_retries
 from segbatch.storage import filesystem
 
 __all__ = ["EMPTY_IMAGE", "Loader", "decode_image", "to_rgb"]
@@ -262,7 +264,7 @@ class Loader:
     """Ray Data stage: a batch of work items → the same rows plus `image` (RGB uint8) or an error.
 
     Output columns added: `image` (HxWx3 uint8; empty for errors), `width`, `height`, `status`,
-    `error_class`, `error`.
+    `error_class`, `error`, `retries` (int32: retries spent fetching the item; later stages add theirs).
     """
 
     def __init__(
@@ -277,27 +279,33 @@ class Loader:
         self.max_bytes = max_bytes
         self.fetch_concurrency = fetch_concurrency
 
-    def _fetch(self, uris: list[str]) -> list[bytes | ItemError]:
-        """Each object's bytes, or its error; reads stop after `max_bytes + 1` bytes.
+    def _fetch(self, uris: list[str]) -> list[tuple[bytes | ItemError, int]]:
+        """Each object's bytes or its error, with the retries spent; reads stop after `max_bytes + 1` bytes.
 
-        The bound matters when the listed size is unknown (0 from a manifest) or stale.
+        The bound matters when the listed size is unknown (0 from a manifest) or stale. Transient
+        faults are retried (:func:`segbatch.retry.call_with_retries`); an item becomes `unreadable` only
+        once the retries are spent, or at once for a missing object or a denied read.
         """
 
-        def one(uri: str) -> bytes | ItemError:
+        def one(uri: str) -> tuple[bytes | ItemError, int]:
+            retries = Retries()
             try:
                 fs, path = filesystem(uri, self.storage_options)
-                data = fs.cat_file(path, start=0, end=self.max_bytes + 1)
+                data = call_with_retries(
+                    lambda: fs.cat_file(path, start=0, end=self.max_bytes + 1), counter=retries, what=f"reading {uri}"
+                )
                 if len(data) > self.max_bytes:
                     return ItemError(
                         "too_large", f"{uri}: more than input.max_bytes={self.max_bytes} bytes; refused while fetching"
-                    )
-                return bytes(data)
+                    ), retries.count
+                return bytes(data), retries.count
             except FileNotFoundError:
-                return ItemError("unreadable", f"{uri}: object not found")
+                return ItemError("unreadable", f"{uri}: object not found"), retries.count
             except PermissionError as e:
-                return ItemError("unreadable", f"{uri}: permission denied: {e}")
-            except Exception as e:  # noqa: BLE001 - after the filesystem's own retries, a read error is data
-                return ItemError("unreadable", f"{uri}: cannot read: {type(e).__name__}: {e}")
+                return ItemError("unreadable", f"{uri}: permission denied: {e}"), retries.count
+            except Exception as e:  # noqa: BLE001 - after the retries, a read error is data
+                after = f" after {retries.count} retries" if retries.count else ""
+                return ItemError("unreadable", f"{uri}: cannot read{after}: {type(e).__name__}: {e}"), retries.count
 
         if len(uris) <= 1:
             return [one(u) for u in uris]
@@ -309,8 +317,9 @@ class Loader:
         sizes = [int(s) for s in batch["size"]]
         plan_errors = [str(e) if e else "" for e in batch["plan_error"]] if "plan_error" in batch else [""] * len(uris)
         to_fetch = [i for i, s in enumerate(sizes) if s <= self.max_bytes and not plan_errors[i]]
-        fetched: dict[int, bytes | ItemError] = dict(zip(to_fetch, self._fetch([uris[i] for i in to_fetch])))
+        fetched = dict(zip(to_fetch, self._fetch([uris[i] for i in to_fetch])))
         images, widths, heights, status, classes, errors = [], [], [], [], [], []
+        retries = [fetched[i][1] if i in fetched else 0 for i in range(len(uris))]
         for i, uri in enumerate(uris):
             result: np.ndarray | ItemError
             if plan_errors[i]:
@@ -319,7 +328,7 @@ class Loader:
                 message = f"{uri}: {sizes[i]} bytes exceeds input.max_bytes={self.max_bytes}; refused before fetching"
                 result = ItemError("too_large", message)
             else:
-                got = fetched[i]
+                got = fetched[i][0]
                 if isinstance(got, ItemError):
                     result = got
                 else:
@@ -348,6 +357,7 @@ class Loader:
         out["status"] = np.asarray(status, dtype=object)
         out["error_class"] = np.asarray(classes, dtype=object)
         out["error"] = np.asarray(errors, dtype=object)
+        out["retries"] = np.asarray(retries, dtype=np.int32)
         return out
 
 

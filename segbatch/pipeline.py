@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from segbatch.errors import JobError
 from segbatch.load import Loader
 from segbatch.models import Predictor, ResolvedWeights, resolve_weights
 from segbatch.plan import WorkItem, plan_items
+from segbatch.retry import call_with_retries
 from segbatch.sinks import Committer, MaskWriter, manifest_uri, new_run_id, read_committed, rows_to_table
 from segbatch.spec import JobSpec
 from segbatch.storage import UnsafeKeyError, filesystem, safe_relative_key, write_bytes_atomic
@@ -105,8 +107,11 @@ def _ensure_ray(spec: JobSpec) -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
-    return True
+    # "local" unless told otherwise: never attach by accident to some other Ray running on this machine.
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict[str, Any] = {"include_dashboard": False} if address == "local" else {}
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **kwargs)
+    return address == "local"
 
 
 def _check_resources(spec: JobSpec, started_locally: bool) -> None:
@@ -306,6 +311,7 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
             committer.flush()
         finally:
             committer.flush()
+            result.retried += committer.retries.count
             if started_ray:
                 import ray
 
@@ -357,7 +363,8 @@ def _write_manifest(
         "metadata_parts": parts,
     }
     fs, path = filesystem(result.manifest_uri, spec.output.storage_options)
-    write_bytes_atomic(fs, path, json.dumps(manifest, indent=2).encode())
+    data = json.dumps(manifest, indent=2).encode()
+    call_with_retries(lambda: write_bytes_atomic(fs, path, data), what=f"writing {result.manifest_uri}")
 
 
 def result_dict(result: RunResult) -> dict[str, Any]:

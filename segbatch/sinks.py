@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from segbatch.masks import encode_png_label_map
+from segbatch.retry import Retries, call_with_retries
 from segbatch.storage import filesystem, join_uri, unstrip, write_bytes_atomic
 
 __all__ = [
@@ -77,7 +78,9 @@ class MaskWriter:
     """Ray Data stage: store each row's mask, replace the pixels with `mask_uri`.
 
     Semantic jobs always write a label-map PNG; instance jobs write an instance-id PNG only when
-    `output.instance_png` is set (their masks travel as RLE in the metadata).
+    `output.instance_png` is set (their masks travel as RLE in the metadata). Transient storage
+    faults are retried (:func:`segbatch.retry.call_with_retries`); the retries spent on a row's mask
+    are added to its `retries` column (created, as zeros, when the batch has none).
     """
 
     def __init__(self, output_uri: str, storage_options: dict[str, Any] | None, write_png: bool, threads: int = 8) -> None:
@@ -101,23 +104,32 @@ class MaskWriter:
                     path = f"{root}/masks/{batch['rel_key'][i]}.png"
                     jobs.append((i, path, batch["label_map"][i]))
 
-        def write(job: tuple[int, str, np.ndarray]) -> tuple[int, str, Exception | None]:
+        retries = [int(r) for r in batch["retries"]] if "retries" in batch else [0] * n
+
+        def write(job: tuple[int, str, np.ndarray]) -> tuple[int, str, Exception | None, int]:
             i, path, labels = job
+            counter = Retries()
             try:
-                write_bytes_atomic(fs, path, encode_png_label_map(labels))
-                return i, path, None
-            except Exception as e:  # noqa: BLE001 - a failed write is that item's error, after fs retries
-                return i, path, e
+                data = encode_png_label_map(labels)
+                call_with_retries(lambda: write_bytes_atomic(fs, path, data), counter=counter, what=f"writing {path}")
+                return i, path, None, counter.count
+            except Exception as e:  # noqa: BLE001 - a failed write is that item's error, after the retries
+                return i, path, e, counter.count
 
         if jobs:
             with ThreadPoolExecutor(max_workers=min(self.threads, len(jobs))) as pool:
-                for i, path, exc in pool.map(write, jobs):
+                for i, path, exc, spent in pool.map(write, jobs):
+                    retries[i] += spent
                     if exc is None:
                         mask_uri[i] = unstrip(fs, path)
                     else:
                         status[i], error_class[i] = "error", "write_failed"
-                        error[i] = f"{batch['uri'][i]}: cannot write mask {unstrip(fs, path)}: {type(exc).__name__}: {exc}"
+                        after = f" after {spent} retries" if spent else ""
+                        error[i] = (
+                            f"{batch['uri'][i]}: cannot write mask {unstrip(fs, path)}{after}: {type(exc).__name__}: {exc}"
+                        )
         out = {k: v for k, v in batch.items() if k not in ("label_map", "image")}
+        out["retries"] = np.asarray(retries, dtype=np.int32)
         out["status"] = np.asarray(status, dtype=object)
         out["error_class"] = np.asarray(error_class, dtype=object)
         out["error"] = np.asarray(error, dtype=object)
@@ -200,6 +212,8 @@ class Committer:
         self._seq = 0
         self.committed_rows = 0
         self.parts: list[str] = []
+        #: Retries spent writing parts (transient storage faults), for the run manifest.
+        self.retries = Retries()
 
     def add(self, table: pa.Table) -> None:
         """Queue rows; commits when enough rows or time have accumulated."""
@@ -216,7 +230,11 @@ class Committer:
         sink = pa.BufferOutputStream()
         pq.write_table(table.cast(schema), sink, compression="zstd")
         path = f"{self.root}/{folder}/part-{self.run_id}-{self._seq:05d}.parquet"
-        write_bytes_atomic(self.fs, path, sink.getvalue().to_pybytes())
+        data = sink.getvalue().to_pybytes()
+        # A retried PUT of the same bytes to the same key is idempotent: a part is whole or absent.
+        call_with_retries(
+            lambda: write_bytes_atomic(self.fs, path, data), counter=self.retries, what=f"writing {unstrip(self.fs, path)}"
+        )
         return path
 
     def flush(self) -> None:
@@ -239,15 +257,20 @@ def read_committed(output_uri: str, storage_options: dict[str, Any] | None, colu
     fs, root = filesystem(output_uri, storage_options)
     folder = f"{root.rstrip('/')}/metadata"
     try:
-        paths = sorted(p for p in fs.find(folder) if p.endswith(".parquet"))
+        found = call_with_retries(lambda: fs.find(folder), what=f"listing {unstrip(fs, folder)}")
+        paths = sorted(p for p in found if p.endswith(".parquet"))
     except FileNotFoundError:
         paths = []
     fields = [METADATA_SCHEMA.field(c) for c in columns] if columns else list(METADATA_SCHEMA)
     schema = pa.schema(fields)
     tables = []
+
+    def read_part(path: str) -> pa.Table:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
     for p in paths:
-        with fs.open(p, "rb") as f:
-            t = pq.read_table(f, columns=columns)
+        t = call_with_retries(lambda: read_part(p), what=f"reading {unstrip(fs, p)}")  # noqa: B023 - called at once
         tables.append(t.select(schema.names).cast(schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
 

@@ -16,6 +16,8 @@ from urllib.parse import unquote
 import fsspec
 from fsspec.core import url_to_fs
 
+from segbatch.retry import Retries, call_with_retries
+
 __all__ = [
     "ListedObject",
     "UnsafeKeyError",
@@ -64,7 +66,9 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple
     options = dict(storage_options or {})
     if protocol_of(uri) in ("s3", "s3a"):
         options = {**_s3_env_options(), **options}
-        options.setdefault("config_kwargs", {}).setdefault("retries", {"max_attempts": 8, "mode": "adaptive"})
+        # botocore retries each request (3 attempts, jittered backoff, a retry quota); s3fs and
+        # segbatch.retry add theirs around it, and the layers multiply: see segbatch/retry.py.
+        options.setdefault("config_kwargs", {}).setdefault("retries", {"max_attempts": 3, "mode": "standard"})
     fs, path = url_to_fs(uri, **options)
     return fs, path
 
@@ -104,28 +108,39 @@ def _has_extension(path: str, extensions: tuple[str, ...]) -> bool:
 
 
 def list_objects(
-    uri: str, storage_options: dict[str, Any] | None, extensions: tuple[str, ...]
+    uri: str,
+    storage_options: dict[str, Any] | None,
+    extensions: tuple[str, ...],
+    *,
+    retries: Retries | None = None,
 ) -> tuple[list[ListedObject], str]:
     """List image objects under a prefix or glob, in one paginated pass.
 
     `fs.find` on object stores is a single paginated ListObjectsV2 walk (1,000 keys a request), so
-    100k keys cost about 100 requests, not 100k.
+    100k keys cost about 100 requests, not 100k. Each page is retried by the storage client; a
+    transient fault that still ends the walk restarts it (:func:`segbatch.retry.call_with_retries`).
+
+    Args:
+        uri: A prefix (trailing '/'), a single object or a glob.
+        storage_options: fsspec options for the filesystem.
+        extensions: Lower-case extensions (no dot) of the objects to keep.
+        retries: Counts the retries made, when given.
 
     Returns:
         The objects (sorted by URI) and the base URI their relative keys are taken from.
     """
     fs, path = filesystem(uri, storage_options)
-    if any(ch in path for ch in "*?["):
-        base = path.split("*")[0].split("?")[0].split("[")[0]
-        base = base.rsplit("/", 1)[0] if "/" in base else ""
-        found = fs.glob(path, detail=True)
-    else:
-        base = path.rstrip("/")
+
+    def walk() -> tuple[dict[str, dict[str, Any]], str]:
+        if any(ch in path for ch in "*?["):
+            base = path.split("*")[0].split("?")[0].split("[")[0]
+            base = base.rsplit("/", 1)[0] if "/" in base else ""
+            return fs.glob(path, detail=True), base
         if not uri.endswith("/") and fs.isfile(path):  # a trailing '/' means a prefix: no HEAD request
-            found = {path: fs.info(path)}
-            base = posixpath.dirname(path)
-        else:
-            found = fs.find(path, detail=True, withdirs=False)
+            return {path: fs.info(path)}, posixpath.dirname(path)
+        return fs.find(path, detail=True, withdirs=False), path.rstrip("/")
+
+    found, base = call_with_retries(walk, counter=retries, what=f"listing {uri}")
     objects = [
         ListedObject(uri=unstrip(fs, p), size=int(info.get("size") or 0), version=_version(info))
         for p, info in found.items()
@@ -174,7 +189,13 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         fs.pipe_file(path, data)
 
 
-def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    """Read one whole object."""
+def read_bytes(uri: str, storage_options: dict[str, Any] | None = None, *, retries: Retries | None = None) -> bytes:
+    """Read one whole object, retrying transient faults (:func:`segbatch.retry.call_with_retries`).
+
+    Args:
+        uri: The object.
+        storage_options: fsspec options for the filesystem.
+        retries: Counts the retries made, when given.
+    """
     fs, path = filesystem(uri, storage_options)
-    return fs.cat_file(path)
+    return bytes(call_with_retries(lambda: fs.cat_file(path), counter=retries, what=f"reading {uri}"))

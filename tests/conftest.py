@@ -10,6 +10,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+# Every Ray node the tests start binds to 127.0.0.1, so test traffic stays on loopback (Ray otherwise
+# advertises the machine's external interface for multi-node clusters). Read by Ray at import time.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 import numpy as np
 import pytest
 import torch

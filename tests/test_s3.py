@@ -45,7 +45,7 @@ def s3(s3_env: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[boto3.
     torch.save(model.state_dict(), buf)
     client.put_object(Bucket=BUCKET, Key="models/lraspp.pt", Body=buf.getvalue())
     # Workers inherit the environment when Ray starts, so start it after AWS_* are set.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield client
     ray.shutdown()
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from segbatch.errors import JobError
+from segbatch.retry import Retries, call_with_retries
 from segbatch.spec import INSTANCE_ARCHS, SEMANTIC_ARCHS, ModelSpec
 from segbatch.storage import filesystem
 
@@ -109,13 +110,18 @@ def _sha256(data: bytes) -> str:
 
 
 def _read_checkpoint(spec: ModelSpec) -> bytes:
+    """The checkpoint's bytes; transient storage faults are retried (:mod:`segbatch.retry`)."""
+    retries = Retries()
     try:
         fs, path = filesystem(spec.weights, spec.storage_options)
-        return fs.cat_file(path)
+        return bytes(call_with_retries(lambda: fs.cat_file(path), counter=retries, what=f"reading {spec.weights}"))
     except FileNotFoundError:
         raise JobError(f"model.weights: checkpoint '{spec.weights}' not found") from None
     except Exception as e:  # noqa: BLE001 - any storage failure here is a job-level problem
-        raise JobError(f"model.weights: cannot read checkpoint '{spec.weights}': {type(e).__name__}: {e}") from None
+        after = f" after {retries.count} retries" if retries.count else ""
+        raise JobError(
+            f"model.weights: cannot read checkpoint '{spec.weights}'{after}: {type(e).__name__}: {e}"
+        ) from None
 
 
 def _read_torchvision(spec: ModelSpec) -> bytes:
