@@ -169,3 +169,25 @@ def test_instance_pipeline_equals_direct_calls(tmp_path: Path) -> None:
             assert match["area"] == int(mask.sum())
             total += 1
     assert total > 0, "random weights produced no detections: lower score_threshold"
+
+
+def test_incremental_run_processes_only_new_and_changed(tmp_path: Path) -> None:
+    write_images(tmp_path / "in", [(40, 40)] * 3, seed=8)
+    data = job(tmp_path, tmp_path / "in", task="semantic", arch="segbatch.models.small:unet_small", num_classes=4)
+    first = run_job(parse_job(data))
+    assert (first.listed, first.new, first.changed, first.ok) == (3, 3, 0, 3)
+
+    # The prefix grows by two images and one existing image is replaced.
+    write_images(tmp_path / "new", [(40, 40)] * 2, seed=9)
+    for i, path in enumerate(sorted((tmp_path / "new").iterdir())):
+        path.rename(tmp_path / "in" / f"late-{i}.png")
+    write_images(tmp_path / "again", [(48, 40)], seed=10)[0].replace(tmp_path / "in" / "img-001.png")
+
+    second = run_job(parse_job(data))
+    assert (second.listed, second.skipped, second.new, second.changed, second.processed) == (5, 2, 2, 1, 3)
+    rows = read_committed(str(tmp_path / "out"), {}).to_pylist()
+    latest = {r["uri"]: r for r in sorted(rows, key=lambda r: r["committed_at"])}
+    assert len(latest) == 5
+    replaced = latest[str(tmp_path / "in" / "img-001.png")]
+    assert (replaced["height"], replaced["width"]) == (48, 40)
+    assert decode_png_label_map(Path(replaced["mask_uri"]).read_bytes()).shape == (48, 40)
