@@ -56,6 +56,7 @@ class RunResult:
     wall_seconds: float = 0.0
     stream_seconds: float = 0.0
     images_per_second: float = 0.0
+    steady_images_per_second: float = 0.0  # after the first results arrived: startup excluded
     error_fraction: float = 0.0
     max_error_fraction: float = 0.0
     weights_sha256: str = ""
@@ -301,7 +302,12 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
         try:
             _check_resources(spec, started_ray)
             ds = build_dataset(spec, item_rows(items), weights)
+            first_at, rows_after_first = 0.0, 0
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if first_at:
+                    rows_after_first += len(batch["item_id"])
+                else:
+                    first_at = time.time()
                 table = rows_to_table(batch, constants)
                 committer.add(table)
                 for status, cls in zip(batch["status"], batch["error_class"]):
@@ -309,6 +315,8 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
                 if "retries" in batch:
                     result.retried += int(np.sum(batch["retries"]))
             committer.flush()
+            if first_at and rows_after_first:
+                result.steady_images_per_second = rows_after_first / max(time.time() - first_at, 1e-9)
         finally:
             committer.flush()
             result.retried += committer.retries.count
@@ -357,6 +365,7 @@ def _write_manifest(
             "wall_seconds": round(result.wall_seconds, 3),
             "stream_seconds": round(result.stream_seconds, 3),
             "images_per_second": round(result.images_per_second, 3),
+            "steady_images_per_second": round(result.steady_images_per_second, 3),
         },
         "error_fraction": result.error_fraction,
         "max_error_fraction": result.max_error_fraction,

@@ -1,0 +1,146 @@
+"""End-to-end throughput as a fraction of what the model alone does, on the same JPEGs, in one run.
+
+Prints one JSON line (and nothing else on stdout):
+  model_only_ips   the model alone on pre-decoded arrays: to-tensor, normalise, forward, argmax
+                   (instance: threshold, crop, RLE), same batch size, torch threads = the machine's cores
+  end_to_end_ips   `segbatch run` in steady state: images/s from the first committed result to the last
+                   (Ray start, actor start and model load excluded), as reported in the run manifest
+  naive_loop_ips   one process: open, decode, forward, save PNG, image after image
+  ray_baseline_ips the straightforward Ray Data version (`read_images` + `map_batches` actor pool + save)
+  efficiency       end_to_end_ips / model_only_ips
+  peak_rss_mb      peak summed RSS of the `segbatch run` process tree (driver + Ray workers)
+
+Usage: python benchmarks/pipeline_efficiency.py --images 64 --arch lraspp_mobilenet_v3_large --batch-size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import make_jpegs, run_measured  # noqa: E402
+
+from segbatch.masks import encode_png_label_map  # noqa: E402
+from segbatch.models import Predictor, resolve_weights  # noqa: E402
+from segbatch.spec import INSTANCE_ARCHS, ModelSpec  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def _predictor(task: str, arch: str, batch_size: int, threads: int) -> Predictor:
+    spec = ModelSpec(task=task, arch=arch, weights="none", num_classes=21 if task == "semantic" else 4, batch_size=batch_size)
+    torch.set_num_threads(threads)
+    return Predictor(task, resolve_weights(spec), {"batch_size": batch_size, "score_threshold": 0.05}, num_threads=threads)
+
+
+def model_only(pred: Predictor, images: list[np.ndarray], batch_size: int) -> float:
+    run = pred.predict_semantic if pred.task == "semantic" else pred.predict_instance
+    run(images[:batch_size])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        run(images[i : i + batch_size])
+    return len(images) / (time.perf_counter() - start)
+
+
+def naive_loop(pred: Predictor, paths: list[Path], out: Path) -> float:
+    out.mkdir(parents=True, exist_ok=True)
+    run = pred.predict_semantic if pred.task == "semantic" else pred.predict_instance
+    run([np.asarray(Image.open(paths[0]).convert("RGB"))])  # warm-up
+    start = time.perf_counter()
+    for path in paths:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        result = run([image])[0]
+        labels = result[0] if pred.task == "semantic" else result[1]
+        if labels.size:
+            (out / f"{path.name}.png").write_bytes(encode_png_label_map(labels))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def end_to_end(args: argparse.Namespace, images: Path, work: Path) -> tuple[float, int, dict]:
+    cores = os.cpu_count() or 1
+    job = {
+        "name": "bench",
+        "input": {"uri": str(images)},
+        "model": {
+            "task": args.task,
+            "arch": args.arch,
+            "weights": "none",
+            "num_classes": 21 if args.task == "semantic" else 4,
+            "batch_size": args.batch_size,
+            "score_threshold": 0.05,
+        },
+        "output": {"uri": str(work / "e2e-out"), "instance_png": args.task == "instance"},
+        # One actor using every core for torch; decode and encode squeeze in between (fractional CPUs).
+        "compute": {"actors": 1, "cpus_per_actor": max(1.0, cores - 0.5), "cpus_per_loader": 0.25, "load_batch_size": 8},
+    }
+    path = work / "bench.yaml"
+    path.write_text(yaml.safe_dump(job))
+    _, peak = run_measured([str(BIN / "segbatch"), "run", str(path), *sum((["--set", s] for s in args.set), [])])
+    manifest = json.loads(next((work / "e2e-out" / "runs").glob("*.json")).read_text())
+    return manifest["timing"]["steady_images_per_second"], peak, manifest
+
+
+def ray_baseline(args: argparse.Namespace, images: Path, work: Path) -> float:
+    done, _ = run_measured(
+        [sys.executable, str(Path(__file__).with_name("ray_baseline.py")), str(images), str(work / "ray-out"),
+         "--arch", args.arch, "--batch-size", str(args.batch_size)]
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])["steady_ips"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--arch", default="lraspp_mobilenet_v3_large")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--workdir", default=None, help="where images and outputs go (default: a temp dir)")
+    parser.add_argument("--skip-baselines", action="store_true", help="only model-only and end-to-end")
+    parser.add_argument("--set", action="append", default=[], help="extra job overrides for the end-to-end run")
+    args = parser.parse_args()
+    args.task = "instance" if args.arch in INSTANCE_ARCHS or "maskrcnn" in args.arch else "semantic"
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="segbatch-bench-"))
+    images = work / f"images-{args.height}x{args.width}-{args.images}"
+    paths = make_jpegs(images, args.images, args.height, args.width)
+    cores = os.cpu_count() or 1
+
+    pred = _predictor(args.task, args.arch, args.batch_size, cores)
+    decoded = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    figures: dict[str, object] = {
+        "arch": args.arch,
+        "images": args.images,
+        "size": f"{args.height}x{args.width}",
+        "batch_size": args.batch_size,
+        "cores": cores,
+        "device": str(pred.device),
+    }
+    figures["model_only_ips"] = model_only(pred, decoded, args.batch_size)
+    if not args.skip_baselines:
+        figures["naive_loop_ips"] = naive_loop(pred, paths, work / "naive-out")
+    del pred, decoded
+    e2e, peak, manifest = end_to_end(args, images, work)
+    figures["end_to_end_ips"] = e2e
+    figures["end_to_end_wall_ips"] = manifest["timing"]["images_per_second"]
+    figures["peak_rss_mb"] = round(peak / 2**20, 1)
+    if not args.skip_baselines:
+        figures["ray_baseline_ips"] = ray_baseline(args, images, work)
+    figures["efficiency"] = e2e / figures["model_only_ips"]  # type: ignore[operator]
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
