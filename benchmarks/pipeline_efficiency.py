@@ -3,7 +3,7 @@
 Prints one JSON line (and nothing else on stdout):
   model_only_ips   the model alone on pre-decoded arrays: to-tensor, normalise, forward, argmax
                    (instance: threshold, crop, RLE), same batch size, torch threads = the machine's cores
-  end_to_end_ips   `segbatch run` in steady state: images/s from the first committed result to the last
+  end_to_end_ips   `segbatch run` in steady state: images/s from the first quarter of committed results to the last
                    (Ray start, actor start and model load excluded), as reported in the run manifest
   naive_loop_ips   one process: open, decode, forward, save PNG, image after image
   ray_baseline_ips the straightforward Ray Data version (`read_images` + `map_batches` actor pool + save)
@@ -70,6 +70,7 @@ def naive_loop(pred: Predictor, paths: list[Path], out: Path) -> float:
 
 def end_to_end(args: argparse.Namespace, images: Path, work: Path) -> tuple[float, int, dict]:
     cores = os.cpu_count() or 1
+    out = work / f"e2e-out-{time.strftime('%Y%m%d-%H%M%S')}"  # fresh: a rerun would skip everything
     job = {
         "name": "bench",
         "input": {"uri": str(images)},
@@ -81,14 +82,14 @@ def end_to_end(args: argparse.Namespace, images: Path, work: Path) -> tuple[floa
             "batch_size": args.batch_size,
             "score_threshold": 0.05,
         },
-        "output": {"uri": str(work / "e2e-out"), "instance_png": args.task == "instance"},
+        "output": {"uri": str(out), "instance_png": args.task == "instance"},
         # One actor using every core for torch; decode and encode squeeze in between (fractional CPUs).
         "compute": {"actors": 1, "cpus_per_actor": max(1.0, cores - 0.5), "cpus_per_loader": 0.25, "load_batch_size": 8},
     }
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(job))
     _, peak = run_measured([str(BIN / "segbatch"), "run", str(path), *sum((["--set", s] for s in args.set), [])])
-    manifest = json.loads(next((work / "e2e-out" / "runs").glob("*.json")).read_text())
+    manifest = json.loads(next((out / "runs").glob("*.json")).read_text())
     return manifest["timing"]["steady_images_per_second"], peak, manifest
 
 

@@ -1,7 +1,7 @@
 """The straightforward Ray Data version of the job, as Ray's batch-inference docs write it.
 
 `read_images` → `map_batches` with an actor pool running the model → `map_batches` saving PNGs. Prints
-one JSON line: images, steady-state images/s (from the first result on, startup excluded), wall seconds.
+one JSON line: images, steady-state images/s (after the first quarter of results, startup excluded), wall seconds.
 Used by `pipeline_efficiency.py`; runnable alone.
 """
 
@@ -70,18 +70,15 @@ def main() -> int:
         concurrency=1,
     )
     ds = ds.map_batches(save_pngs, fn_kwargs={"out": args.out})
-    first_at, after_first, total = 0.0, 0, 0
+    from segbatch.pipeline import _steady_rate  # the same steady-state rule as segbatch's own figure
+
+    arrivals: list[tuple[float, int]] = []
     for batch in ds.iter_batches(batch_size=None):
-        n = len(batch["path"])
-        total += n
-        if first_at:
-            after_first += n
-        else:
-            first_at = time.time()
+        arrivals.append((time.time(), (arrivals[-1][1] if arrivals else 0) + len(batch["path"])))
     end = time.time()
     ray.shutdown()
-    steady = after_first / (end - first_at) if after_first else 0.0
-    print(json.dumps({"images": total, "steady_ips": steady, "wall_seconds": end - start}))
+    total = arrivals[-1][1] if arrivals else 0
+    print(json.dumps({"images": total, "steady_ips": _steady_rate(arrivals), "wall_seconds": end - start}))
     return 0
 
 

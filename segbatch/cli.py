@@ -1,4 +1,4 @@
-"""`segbatch` command line: run | validate | demo | submit.
+"""`segbatch` command line: run | validate | demo | submit | eval.
 
 Exit codes: 0 the job finished (per-item errors within `run.max_error_fraction`); 1 the job failed
 (a job-level error, or too many item errors: everything is still written); 2 a bad job file or
@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate sample images and run jobs/demo.yaml on them")
     demo.add_argument("--workdir", default=".", help="where demo-data/ and demo-output/ go (default: .)")
     add_submit_parser(sub)
+    ev = sub.add_parser("eval", help="score a job's outputs against ground truth (IoU / COCO AP)")
+    ev.add_argument("output", help="the job's output.uri (reads its committed metadata and masks)")
+    ev.add_argument(
+        "--truth",
+        required=True,
+        help="ground truth: semantic, a folder with labels/<rel_key>.png; instance, a COCO instances JSON "
+        "or a folder holding instances.json (segbatch.synth.write_dataset writes one folder for both)",
+    )
     return parser
 
 
@@ -102,13 +110,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.workdir))
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from segbatch.evaluate import evaluate_output, format_report, write_report
+
+    report = evaluate_output(args.output, args.truth)
+    uri = write_report(report, args.output)
+    print(format_report(report), flush=True)
+    print(f"  report     {uri}", flush=True)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `segbatch` console script."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        handler = {"run": _cmd_run, "validate": _cmd_validate, "demo": _cmd_demo, "submit": cmd_submit}[args.command]
-        return handler(args)
+        handlers = {"run": _cmd_run, "validate": _cmd_validate, "demo": _cmd_demo, "submit": cmd_submit, "eval": _cmd_eval}
+        return handlers[args.command](args)
     except SpecError as e:
         print(f"segbatch: error: {e}", file=sys.stderr)
         return EXIT_USAGE

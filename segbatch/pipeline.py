@@ -56,7 +56,7 @@ class RunResult:
     wall_seconds: float = 0.0
     stream_seconds: float = 0.0
     images_per_second: float = 0.0
-    steady_images_per_second: float = 0.0  # after the first results arrived: startup excluded
+    steady_images_per_second: float = 0.0  # after the first quarter of results: startup excluded
     error_fraction: float = 0.0
     max_error_fraction: float = 0.0
     weights_sha256: str = ""
@@ -128,6 +128,19 @@ def _check_resources(spec: JobSpec, started_locally: bool) -> None:
         if started_locally:
             raise JobError(msg)
         logger.warning("%s (waiting for the autoscaler to add GPU nodes)", msg)
+
+
+def _steady_rate(arrivals: list[tuple[float, int]], skip_fraction: float = 0.25) -> float:
+    """Images/s once the pipeline is full: from the batch that completes the first `skip_fraction` of
+    the rows to the last one, so Ray start-up, actor start and model load do not count."""
+    if len(arrivals) < 2:
+        return 0.0
+    total = arrivals[-1][1]
+    start_t, start_rows = next((t, n) for t, n in arrivals if n >= skip_fraction * total)
+    if start_t >= arrivals[-1][0]:
+        start_t, start_rows = arrivals[0]
+    elapsed = arrivals[-1][0] - start_t
+    return (total - start_rows) / elapsed if elapsed > 0 else 0.0
 
 
 def _versions() -> dict[str, str]:
@@ -302,12 +315,9 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
         try:
             _check_resources(spec, started_ray)
             ds = build_dataset(spec, item_rows(items), weights)
-            first_at, rows_after_first = 0.0, 0
+            arrivals: list[tuple[float, int]] = []  # (time, rows so far): for the steady-state rate
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if first_at:
-                    rows_after_first += len(batch["item_id"])
-                else:
-                    first_at = time.time()
+                arrivals.append((time.time(), (arrivals[-1][1] if arrivals else 0) + len(batch["item_id"])))
                 table = rows_to_table(batch, constants)
                 committer.add(table)
                 for status, cls in zip(batch["status"], batch["error_class"]):
@@ -315,8 +325,7 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
                 if "retries" in batch:
                     result.retried += int(np.sum(batch["retries"]))
             committer.flush()
-            if first_at and rows_after_first:
-                result.steady_images_per_second = rows_after_first / max(time.time() - first_at, 1e-9)
+            result.steady_images_per_second = _steady_rate(arrivals)
         finally:
             committer.flush()
             result.retried += committer.retries.count

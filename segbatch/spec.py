@@ -210,7 +210,7 @@ class ComputeSpec(_Strict):
     )
     cpus_per_loader: PositiveFloat = Field(default=1.0, description="CPUs each load (fetch + decode) task reserves.")
     memory_per_loader: PositiveInt = Field(
-        default=256 * 1024 * 1024,
+        default=512 * 1024 * 1024,
         description="Memory (bytes) each load task reserves for its decoded images; keeps decode in its own stage.",
     )
     load_batch_size: PositiveInt = Field(default=16, description="Images fetched concurrently and decoded per load task.")

@@ -138,7 +138,10 @@ def list_objects(
             return fs.glob(path, detail=True), base
         if not uri.endswith("/") and fs.isfile(path):  # a trailing '/' means a prefix: no HEAD request
             return {path: fs.info(path)}, posixpath.dirname(path)
-        return fs.find(path, detail=True, withdirs=False), path.rstrip("/")
+        found = fs.find(path, detail=True, withdirs=False)
+        if not found and not fs.exists(path):
+            raise FileNotFoundError(f"no such folder or prefix: {uri}")
+        return found, path.rstrip("/")
 
     found, base = call_with_retries(walk, counter=retries, what=f"listing {uri}")
     objects = [

@@ -33,6 +33,7 @@ from segbatch.spec import JobSpec, load_job
 
 __all__ = [
     "Submission",
+    "SubmitError",
     "add_submit_parser",
     "auth_headers",
     "cmd_submit",
@@ -140,7 +141,9 @@ def auth_headers() -> dict[str, str]:
             token = path.read_text().strip()
         except FileNotFoundError:
             if explicit:
-                raise SubmitError(f"RAY_AUTH_TOKEN_PATH '{explicit}' does not exist; point it at the token file") from None
+                raise SubmitError(
+                    f"RAY_AUTH_TOKEN_PATH '{explicit}' does not exist; point it at the token file"
+                ) from None
             token = ""
         except OSError as e:
             raise SubmitError(f"cannot read the Ray token file '{path}': {e.strerror or e}") from None
@@ -162,7 +165,7 @@ def connect(address: str) -> Any:
         return JobSubmissionClient(address, headers=auth_headers())
     except SubmitError:
         raise
-    except (ConnectionError, RuntimeError, ValueError) as e:
+    except (ConnectionError, RuntimeError, ValueError, OSError) as e:
         raise SubmitError(
             f"cannot reach the Ray Jobs API at '{address}': {_first_line(e)}; check --address (the dashboard "
             "URL, port 8265) and, on a token-authenticated cluster, RAY_AUTH_TOKEN or ~/.ray/auth_token"
@@ -177,14 +180,16 @@ def _first_line(e: BaseException) -> str:
 def _exists(client: Any, submission_id: str) -> bool:
     try:
         client.get_job_info(submission_id)
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:
         if "404" in str(e) or "does not exist" in str(e):
             return False
         raise SubmitError(f"cannot look up submission '{submission_id}': {_first_line(e)}") from None
     return True
 
 
-def submit_job(client: Any, staged: Path, submission_id: str, spec: JobSpec) -> Submission:
+def submit_job(
+    client: Any, staged: Path, submission_id: str, spec: JobSpec, agent_wait_seconds: float = 60.0
+) -> Submission:
     """Submit a staged job file, or report that `submission_id` was already used.
 
     Args:
@@ -192,6 +197,8 @@ def submit_job(client: Any, staged: Path, submission_id: str, spec: JobSpec) -> 
         staged: The staged job file (its folder becomes the job's `working_dir`).
         submission_id: Ray submission id; a reused one is not started again.
         spec: The validated spec (for the job's metadata).
+        agent_wait_seconds: How long to retry while the head's job agent is not up yet (a cluster
+            that just started answers "No available agent to submit job, please try again later").
 
     Returns:
         The submission id and whether it already existed.
@@ -201,18 +208,24 @@ def submit_job(client: Any, staged: Path, submission_id: str, spec: JobSpec) -> 
     """
     if _exists(client, submission_id):
         return Submission(submission_id, already_submitted=True)
-    try:
-        client.submit_job(
-            entrypoint=f"segbatch run {staged.name}",
-            submission_id=submission_id,
-            runtime_env={"working_dir": str(staged.parent)},
-            metadata={"segbatch.job": spec.name},
-        )
-    except RuntimeError as e:
-        if "already exists" in str(e):
-            return Submission(submission_id, already_submitted=True)
-        raise SubmitError(f"Ray refused submission '{submission_id}': {_first_line(e)}") from None
-    return Submission(submission_id, already_submitted=False)
+    deadline = time.monotonic() + agent_wait_seconds
+    while True:
+        try:
+            client.submit_job(
+                entrypoint=f"segbatch run {staged.name}",
+                submission_id=submission_id,
+                runtime_env={"working_dir": str(staged.parent)},
+                metadata={"segbatch.job": spec.name},
+            )
+        except (RuntimeError, OSError) as e:
+            if "already exists" in str(e):
+                return Submission(submission_id, already_submitted=True)
+            if "try again later" in str(e) and time.monotonic() < deadline:
+                logger.info("the cluster's job agent is not ready yet; retrying")
+                time.sleep(2.0)
+                continue
+            raise SubmitError(f"Ray refused submission '{submission_id}': {_first_line(e)}") from None
+        return Submission(submission_id, already_submitted=False)
 
 
 def follow_job(client: Any, submission_id: str, out: TextIO, poll_seconds: float = 1.0) -> str:
@@ -229,12 +242,14 @@ def follow_job(client: Any, submission_id: str, out: TextIO, poll_seconds: float
 
     try:
         asyncio.run(_tail())
-    except RuntimeError as e:
-        logger.warning("log stream for %s ended early (%s); waiting for the job's status", submission_id, _first_line(e))
+    except Exception as e:  # the stream is best effort: the job's status below is the outcome
+        logger.warning(
+            "log stream for %s ended early (%s); waiting for the job's status", submission_id, _first_line(e)
+        )
     while True:
         try:
             status = str(client.get_job_status(submission_id).value)
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:
             raise SubmitError(f"cannot read the status of '{submission_id}': {_first_line(e)}") from None
         if status in _TERMINAL:
             return status

@@ -58,6 +58,10 @@ def test_job_errors_are_one_line_and_exit_1(tmp_path: Path) -> None:
     assert missing.stderr.strip().splitlines()[-1] == f"segbatch: job failed: model.weights: checkpoint '{tmp_path / 'nope.pt'}' not found"
     assert "Started a local Ray" not in missing.stderr  # refused before Ray starts
 
+    nowhere = run_cli("run", str(write_job(tmp_path)), "--set", f"input.uri={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert nowhere.returncode == 1
+    assert f"input.uri '{tmp_path / 'nowhere'}': not found" in nowhere.stderr.strip().splitlines()[-1]
+
     job = write_job(tmp_path)
     gpu = run_cli("run", str(job), "--set", "compute.gpus_per_actor=1", cwd=tmp_path)
     assert gpu.returncode == 1
