@@ -21,8 +21,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# A few minutes on a laptop CPU; each script prints one JSON line (see benchmarks/README.md).
 bench: install
-	$(BIN)/python benchmarks/pipeline_efficiency.py
+	$(BIN)/python benchmarks/stages.py --images 16
+	$(BIN)/python benchmarks/pipeline_efficiency.py --images 48
+	$(BIN)/python benchmarks/memory_flat.py --small 100 --large 1000
 
 clean:
 	rm -rf $(VENV) build *.egg-info
