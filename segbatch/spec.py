@@ -10,10 +10,11 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -54,6 +55,16 @@ _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
+def _uri(value: str) -> str:
+    if not value.strip():
+        raise ValueError("expected a path or URI, but got an empty string")
+    return value.strip()
+
+
+#: A non-empty path or URI, surrounding whitespace removed.
+UriStr = Annotated[str, AfterValidator(_uri)]
+
+
 class SpecError(ValueError):
     """A job file that cannot run; the message is one line meant for the user."""
 
@@ -63,7 +74,7 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    uri: str = Field(
+    uri: UriStr = Field(
         description="Images to segment: a prefix/folder (recursive), a glob (`*`, `**`), or a manifest "
         "file (.txt with one URI a line, .csv or .parquet with a `uri` column)."
     )
@@ -85,13 +96,6 @@ class InputSpec(_Strict):
         default=512 * 1024 * 1024,
         description="Files larger than this are refused as `too_large` before they are fetched.",
     )
-
-    @field_validator("uri")
-    @classmethod
-    def _nonempty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("expected a path or URI, but got an empty string")
-        return v.strip()
 
     @field_validator("extensions")
     @classmethod
@@ -180,7 +184,7 @@ class ModelSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    uri: str = Field(description="Prefix/folder that receives masks/, metadata/, errors/ and runs/.")
+    uri: UriStr = Field(description="Prefix/folder that receives masks/, metadata/, errors/ and runs/.")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for the output filesystem. Never logged."
     )
@@ -191,13 +195,6 @@ class OutputSpec(_Strict):
         default=1000, description="Metadata rows per committed Parquet part (a commit also happens every commit_seconds)."
     )
     commit_seconds: PositiveFloat = Field(default=30.0, description="Longest time finished rows wait before they are committed.")
-
-    @field_validator("uri")
-    @classmethod
-    def _nonempty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("expected a path or URI, but got an empty string")
-        return v.strip()
 
 
 class ComputeSpec(_Strict):
