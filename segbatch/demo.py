@@ -27,7 +27,7 @@ def run_demo(workdir: Path, job: Path = DEMO_JOB, images: int = 12) -> int:
     for folder in (data.parent, out):
         if folder.exists():
             shutil.rmtree(folder)
-    write_scene_folder(data, count=images, seed=2026)
+    write_scene_folder(data, count=images, seed=10_000_000)
     (data / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
     (data / "README.txt").write_text("not an image: ignored by the listing\n")
     spec = load_job(job, [f"input.uri={data}", f"output.uri={out / 'semantic'}"])
