@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from segbatch.errors import JobError
-from segbatch.spec import SpecError, load_job
+from segbatch.spec import SpecError, add_override_argument, load_job
 from segbatch.submit import add_submit_parser, cmd_submit
 
 __all__ = ["main", "format_summary"]
@@ -42,14 +42,7 @@ def format_summary(result: "RunResult") -> str:  # type: ignore[name-defined]  #
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="job YAML file")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a job key, e.g. --set model.batch_size=16 (repeatable; VALUE is YAML)",
-    )
+    add_override_argument(p)
 
 
 def _parser() -> argparse.ArgumentParser:

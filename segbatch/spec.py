@@ -6,6 +6,7 @@ line naming the key, the value and the file (see :class:`SpecError`), before any
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
@@ -34,6 +35,7 @@ __all__ = [
     "OutputSpec",
     "RunSpec",
     "SpecError",
+    "add_override_argument",
     "load_job",
     "parse_job",
     "SEMANTIC_ARCHS",
@@ -271,6 +273,18 @@ class JobSpec(_Strict):
             "std": m.std,
         }
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def add_override_argument(parser: "argparse.ArgumentParser", what: str = "a job key") -> None:
+    """The `--set KEY=VALUE` option every job-taking command shares (values are YAML)."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override {what}, e.g. --set model.batch_size=16 (repeatable; VALUE is YAML)",
+    )
 
 
 def _apply_override(data: dict[str, Any], assignment: str, source: str) -> None:

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from segbatch.spec import JobSpec, load_job
+from segbatch.spec import JobSpec, add_override_argument, load_job
 
 __all__ = [
     "Submission",
@@ -267,14 +267,7 @@ def add_submit_parser(sub: Any) -> None:
     )
     p.add_argument("--id", dest="submission_id", help="submission id (default: <job name>-<UTC date YYYYMMDD>)")
     p.add_argument("--wait", action="store_true", help="stream the job's logs; exit 0 if it succeeded, 1 if not")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a job key in the submitted copy, e.g. --set model.batch_size=16 (repeatable)",
-    )
+    add_override_argument(p, "a job key in the submitted copy")
 
 
 def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:

@@ -188,3 +188,26 @@ def test_every_arch_builds_and_predicts_at_input_size(task: str, arch: str) -> N
         instances = json.loads(out["instances"][0])
         assert len(instances) <= 3 and all(0 <= i["label"] < 5 for i in instances)
         assert out["label_map"][0].max() <= len(instances)
+
+
+def test_instances_are_cropped_encoded_and_painted_by_score() -> None:
+    from segbatch.masks import rle_to_mask
+    from segbatch.models.predictor import instances_from_output
+
+    h, w = 20, 30
+    probs = torch.zeros((2, 1, h, w))
+    probs[0, 0, 2:10, 3:12] = 0.9  # lower score
+    probs[1, 0, 6:15, 8:20] = 0.8  # higher score, overlaps the first
+    probs[1, 0, 0, 29] = 0.7  # a stray pixel outside its box still belongs to the mask
+    boxes = torch.tensor([[3.0, 2.0, 12.0, 10.0], [8.0, 6.0, 20.0, 15.0]])
+    out, id_map = instances_from_output(
+        boxes, torch.tensor([1, 2]), torch.tensor([0.6, 0.9]), probs, 0.5, h, w, with_map=True
+    )
+    assert [i["label"] for i in out] == [2, 1] and [round(i["score"], 2) for i in out] == [0.9, 0.6]
+    assert out[0]["bbox"] == [8.0, 6.0, 12.0, 9.0]
+    for inst, k in zip(out, [1, 0]):
+        mask = rle_to_mask(inst["rle"], h, w)
+        assert (mask == (probs[k, 0] > 0.5).numpy()).all()
+        assert inst["area"] == int(mask.sum())
+    assert id_map[7, 9] == 1  # overlap: the higher score wins
+    assert id_map[3, 4] == 2 and id_map[0, 29] == 1 and id_map[18, 0] == 0

@@ -72,11 +72,14 @@ def instances_from_output(
     canvas = np.zeros((height, width, 1), dtype=np.uint8, order="F")
     id_map = np.zeros((height, width), dtype=np.uint16) if with_map else np.zeros((0, 0), dtype=np.uint16)
     out: list[dict[str, Any]] = []
+    crops: list[tuple[int, int, np.ndarray] | None] = []  # (y0, x0, crop) per instance, kept for the id map
     for k in range(len(labels_np)):
         ys, xs = np.flatnonzero(rows[k]), np.flatnonzero(cols[k])
+        crops.append(None)
         if ys.size:
             y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
             crop = binary[k, y0:y1, x0:x1].cpu().numpy()
+            crops[k] = (y0, x0, crop)
             canvas[y0:y1, x0:x1, 0] = crop
         rle = mask_util.encode(canvas)[0]
         if ys.size:
@@ -93,11 +96,10 @@ def instances_from_output(
         )
     if with_map:
         for k in reversed(range(len(out))):  # lowest score first, so higher scores paint over
-            ys, xs = np.flatnonzero(rows[k]), np.flatnonzero(cols[k])
-            if ys.size:
-                y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
-                crop = binary[k, y0:y1, x0:x1].cpu().numpy()
-                id_map[y0:y1, x0:x1][crop] = k + 1
+            entry = crops[k]
+            if entry is not None:
+                y0, x0, crop = entry
+                id_map[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]][crop] = k + 1
     return out, id_map
 
 
