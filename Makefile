@@ -24,7 +24,7 @@ test: install
 # A few minutes on a laptop CPU; each script prints one JSON line (see benchmarks/README.md).
 bench: install
 	$(BIN)/python benchmarks/stages.py --images 16
-	$(BIN)/python benchmarks/pipeline_efficiency.py --images 48
+	$(BIN)/python benchmarks/pipeline_efficiency.py --images 128 --batch-size 1
 	$(BIN)/python benchmarks/memory_flat.py --small 100 --large 1000
 
 clean:
