@@ -70,7 +70,6 @@ def naive_loop(pred: Predictor, paths: list[Path], out: Path) -> float:
 
 
 def _segbatch_run(args: argparse.Namespace, images: Path, work: Path) -> tuple[dict, int]:
-    cores = os.cpu_count() or 1
     out = work / f"e2e-out-{images.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # fresh: a rerun would skip all
     job = {
         "name": "bench",
@@ -84,8 +83,8 @@ def _segbatch_run(args: argparse.Namespace, images: Path, work: Path) -> tuple[d
             "score_threshold": 0.05,
         },
         "output": {"uri": str(out), "instance_png": args.task == "instance"},
-        # One actor using every core for torch; decode and encode squeeze in between (fractional CPUs).
-        "compute": {"actors": 1, "cpus_per_actor": max(1.0, cores - 0.5), "cpus_per_loader": 0.25, "load_batch_size": 8},
+        # The product's defaults (one actor, one CPU each for the actor and each load task); tune with --set.
+        "compute": {"actors": 1},
     }
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(job))
