@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import tempfile
 from pathlib import Path
 
@@ -25,7 +26,7 @@ BIN = Path(sys.executable).parent
 def peak_for(work: Path, count: int, size: int, arch: str) -> tuple[int, float]:
     images = work / f"images-{size}-{count}"
     make_jpegs(images, count, size, size, seed=count)
-    out = work / f"out-{count}"
+    out = work / f"out-{count}-{time.strftime('%Y%m%d-%H%M%S')}"  # fresh: one manifest, nothing to skip
     job = {
         "name": f"memory-{count}",
         "input": {"uri": str(images)},
@@ -35,7 +36,7 @@ def peak_for(work: Path, count: int, size: int, arch: str) -> tuple[int, float]:
     }
     path = work / f"job-{count}.yaml"
     path.write_text(yaml.safe_dump(job))
-    _, peak = run_measured([str(BIN / "segbatch"), "run", str(path), "--force"])
+    _, peak = run_measured([str(BIN / "segbatch"), "run", str(path)])
     manifest = json.loads(next((out / "runs").glob("*.json")).read_text())
     assert manifest["counts"]["ok"] == count, manifest["counts"]
     return peak, manifest["timing"]["wall_seconds"]

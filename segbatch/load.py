@@ -48,7 +48,7 @@ from segbatch.errors import ItemError
 from segbatch.retry import Retries, call_with_retries
 from segbatch.storage import filesystem
 
-__all__ = ["EMPTY_IMAGE", "Loader", "decode_image", "to_rgb"]
+__all__ = ["EMPTY_IMAGE", "Loader", "decode_image", "load_batch", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -367,3 +367,12 @@ def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
     for i, a in enumerate(arrays):
         out[i] = a
     return out
+
+
+def load_batch(batch: dict[str, np.ndarray], **options: Any) -> dict[str, Any]:
+    """The load stage as a plain function for Ray Data tasks (options are :class:`Loader`'s).
+
+    It lives here, not in the pipeline module, so a load worker imports Pillow and fsspec but never
+    torch: CPU task workers stay small and start fast.
+    """
+    return Loader(**options)(batch)

@@ -1,9 +1,9 @@
 """JobSpec → Ray Data stream → committed outputs. The only module that builds Ray Data plans.
 
     plan (driver)   list input, stable item ids, minus items already committed
-    load  (tasks)   fetch + decode          segbatch.load.Loader
+    load  (tasks)   fetch + decode          segbatch.load.load_batch (Loader)
     predict (actors) model, once per actor  segbatch.models.Predictor
-    write (tasks)   mask artifacts          segbatch.sinks.MaskWriter
+    write (tasks)   mask artifacts          segbatch.sinks.write_batch (MaskWriter)
     commit (driver) Parquet ledger parts    segbatch.sinks.Committer
     finalize        run manifest + summary
 """
@@ -25,11 +25,11 @@ import pyarrow.compute as pc
 
 from segbatch import __version__
 from segbatch.errors import JobError
-from segbatch.load import Loader
+from segbatch.load import load_batch
 from segbatch.models import Predictor, ResolvedWeights, resolve_weights
 from segbatch.plan import WorkItem, plan_items
 from segbatch.retry import call_with_retries
-from segbatch.sinks import Committer, MaskWriter, manifest_uri, new_run_id, read_committed, rows_to_table
+from segbatch.sinks import Committer, manifest_uri, new_run_id, read_committed, rows_to_table, write_batch
 from segbatch.spec import JobSpec
 from segbatch.storage import UnsafeKeyError, filesystem, safe_relative_key, write_bytes_atomic
 
@@ -89,14 +89,6 @@ def item_rows(items: list[WorkItem]) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def _load_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, Any]:
-    return Loader(**kwargs)(batch)
-
-
-def _write_batch(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, Any]:
-    return MaskWriter(**kwargs)(batch)
 
 
 def _ensure_ray(spec: JobSpec) -> bool:
@@ -215,7 +207,7 @@ def build_dataset(spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWe
     blocks = max(1, min(math.ceil(len(rows) / c.load_batch_size), 20_000))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(
-        _load_batch,
+        load_batch,
         batch_size=c.load_batch_size,
         num_cpus=c.cpus_per_loader,
         # A memory request (a real need: decoded batches) also keeps Ray Data from fusing decode into
@@ -250,7 +242,7 @@ def build_dataset(spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWe
         },
     )
     ds = ds.map_batches(
-        _write_batch,
+        write_batch,
         batch_size=None,  # whole blocks as they come: rows reach the committer without waiting for others
         num_cpus=0.25,
         fn_kwargs={

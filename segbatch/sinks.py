@@ -32,6 +32,7 @@ __all__ = [
     "MaskWriter",
     "read_committed",
     "rows_to_table",
+    "write_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,14 @@ class MaskWriter:
         out["error"] = np.asarray(error, dtype=object)
         out["mask_uri"] = np.asarray(mask_uri, dtype=object)
         return out
+
+
+def write_batch(batch: dict[str, np.ndarray], **options: Any) -> dict[str, Any]:
+    """The write stage as a plain function for Ray Data tasks (options are :class:`MaskWriter`'s).
+
+    Defined here rather than in the pipeline module so write workers never import torch.
+    """
+    return MaskWriter(**options)(batch)
 
 
 def rows_to_table(batch: dict[str, Any], constants: dict[str, str]) -> pa.Table:
