@@ -316,10 +316,9 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
                     counts["ok" if status == "ok" else str(cls)] += 1
                 if "retries" in batch:
                     result.retried += int(np.sum(batch["retries"]))
-            committer.flush()
             result.steady_images_per_second = _steady_rate(arrivals)
         finally:
-            committer.flush()
+            committer.flush()  # also on failure: rows already finished are committed, not lost
             result.retried += committer.retries.count
             if started_ray:
                 import ray

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from segbatch.spec import InputSpec
-from segbatch.storage import ListedObject, filesystem, list_objects, protocol_of, unstrip
+from segbatch.storage import ListedObject, filesystem, list_objects, protocol_of, read_bytes, unstrip
 
 __all__ = ["WorkItem", "item_id_for", "plan_items", "read_manifest"]
 
@@ -51,7 +51,7 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None) -> list[List
     (or `etag`) columns are used as the object's version; without them the URI alone identifies it.
     """
     fs, path = filesystem(uri, storage_options)
-    raw = fs.cat_file(path)
+    raw = read_bytes(uri, storage_options)
     lower = uri.lower()
     rows: list[dict[str, Any]]
     if lower.endswith(".txt"):

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from segbatch.errors import JobError
-from segbatch.retry import Retries, call_with_retries
+from segbatch.retry import Retries
 from segbatch.spec import INSTANCE_ARCHS, SEMANTIC_ARCHS, ModelSpec
-from segbatch.storage import filesystem
+from segbatch.storage import read_bytes
 
 __all__ = ["ResolvedWeights", "load_state_dict_bytes", "resolve_weights", "apply_weights", "torchvision_cache_path"]
 
@@ -113,8 +113,7 @@ def _read_checkpoint(spec: ModelSpec) -> bytes:
     """The checkpoint's bytes; transient storage faults are retried (:mod:`segbatch.retry`)."""
     retries = Retries()
     try:
-        fs, path = filesystem(spec.weights, spec.storage_options)
-        return bytes(call_with_retries(lambda: fs.cat_file(path), counter=retries, what=f"reading {spec.weights}"))
+        return read_bytes(spec.weights, spec.storage_options, retries=retries)
     except FileNotFoundError:
         raise JobError(f"model.weights: checkpoint '{spec.weights}' not found") from None
     except Exception as e:  # noqa: BLE001 - any storage failure here is a job-level problem
