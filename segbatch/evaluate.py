@@ -57,7 +57,14 @@ logger = logging.getLogger(__name__)
 #: The report's file name under the output prefix.
 REPORT_NAME = "eval.json"
 _COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-_SHOWN_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+_SHOWN_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APtiny", "AR100")
+#: Objects with an area of at most TINY_SIDE² pixels form the "tiny" area range (`APtiny`, `AP50tiny`).
+TINY_SIDE = 24
+#: Subsets reported when the truth's annotations carry these fields (segbatch.synth writes them):
+#: objects with at least SUBSET_MIN of their pixels hidden by others, or of their area outside the image.
+_SUBSETS = {"occluded": "occluded_fraction", "cut": "cut_fraction"}
+SUBSET_MIN = 0.1
+_SUBSET_WORDS = {"occluded": "hidden by other objects", "cut": "outside the image"}
 
 
 # --- metric maths (pure: used by the command and by training/) -----------------------------------
@@ -157,11 +164,17 @@ def coco_metrics(truth: dict[str, Any], detections: list[dict[str, Any]], iou_ty
         {"images": truth.get("images", []), "categories": truth.get("categories", []), "annotations": dets}
     )
     ev = COCOeval(gt, dt, iouType=iou_type)
+    # One more area range after COCO's three: "tiny" objects, at most TINY_SIDE px on a side by area.
+    ev.params.areaRng = [*ev.params.areaRng, [0.0, float(TINY_SIDE**2)]]
+    ev.params.areaRngLbl = [*ev.params.areaRngLbl, "tiny"]
     with contextlib.redirect_stdout(io.StringIO()):
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     out: dict[str, Any] = {name: (float(v) if v >= 0 else None) for name, v in zip(_COCO_STATS, ev.stats)}
+    out["APtiny"], out["AP50tiny"] = _mean_precision(ev, area=len(ev.params.areaRng) - 1)
+    for subset, field in _SUBSETS.items():
+        out[subset] = _subset_metrics(gt, dt, iou_type, field)
     # precision[T, R, K, A, M]: IoU thresholds, recall points, classes, area ranges, max dets.
     precision = ev.eval["precision"]
     per_class: dict[str, Any] = {}
@@ -177,6 +190,47 @@ def coco_metrics(truth: dict[str, Any], detections: list[dict[str, Any]], iou_ty
         }
     out["per_class"] = per_class
     return out
+
+
+def _mean_precision(ev: Any, area: int = 0, klass: int | None = None) -> tuple[float | None, float | None]:
+    """(AP, AP50) from an accumulated COCOeval, for one area range index and one class (or all)."""
+    precision = ev.eval["precision"]  # [T, R, K, A, M]: IoU thresholds, recall points, classes, areas, max dets
+    p = precision[:, :, :, area, -1] if klass is None else precision[:, :, klass, area, -1]
+    p50 = p[0]
+    return (
+        float(p[p > -1].mean()) if (p > -1).any() else None,
+        float(p50[p50 > -1].mean()) if (p50 > -1).any() else None,
+    )
+
+
+def _subset_metrics(gt: Any, dt: Any, iou_type: str, field: str) -> dict[str, Any] | None:
+    """AP and AP50 over the truth objects whose `field` is at least SUBSET_MIN (e.g. occluded ones).
+
+    The other truth objects become "ignore" regions, as COCO treats crowds: a detection of one of them
+    neither scores nor counts as a false positive; any other detection is a false positive. None when
+    the truth does not record `field`.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    anns = gt.dataset.get("annotations", [])
+    if not anns or any(field not in a for a in anns):
+        return None
+    members = {a["id"] for a in anns if float(a[field]) >= SUBSET_MIN}
+
+    class _Subset(COCOeval):  # type: ignore[misc]
+        def _prepare(self) -> None:
+            super()._prepare()
+            for objects in self._gts.values():
+                for g in objects:
+                    if g["id"] not in members:
+                        g["ignore"] = 1
+
+    ev = _Subset(gt, dt, iouType=iou_type)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+        ev.accumulate()
+    ap, ap50 = _mean_precision(ev) if members else (None, None)
+    return {"objects": len(members), "AP": ap, "AP50": ap50}
 
 
 # --- reading outputs and truth ---------------------------------------------------------------
@@ -439,6 +493,16 @@ def format_report(report: dict[str, Any]) -> str:
         for kind in ("segm", "bbox"):
             m = report["metrics"][kind]
             lines.append("  " + f"{kind:<6}" + "".join(f" {_fmt(m[s])}" for s in _SHOWN_STATS))
+        segm = report["metrics"]["segm"]
+        hard = [
+            f"{name} ({segm[name]['objects']} objects, >= {SUBSET_MIN:.0%} {_SUBSET_WORDS[name]}): "
+            f"segm AP {_fmt(segm[name]['AP']).strip()} · AP50 {_fmt(segm[name]['AP50']).strip()}"
+            for name in _SUBSETS
+            if segm.get(name)
+        ]
+        if hard:
+            lines.append("  subsets    " + " | ".join(hard))
+        lines.append(f"  (APtiny: objects of at most {TINY_SIDE}x{TINY_SIDE} px by area; APs/APm/APl: COCO's ranges)")
         lines.append(f"  {'class':<14} {'objects':>7} {'segm AP':>8} {'AP50':>7} {'bbox AP':>8} {'AP50':>7}")
         for name, c in report["per_class"].items():
             lines.append(

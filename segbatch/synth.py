@@ -387,7 +387,8 @@ def coco_categories() -> list[dict[str, Any]]:
 
 
 def coco_annotations(scene: Scene, image_id: int, first_id: int = 1) -> list[dict[str, Any]]:
-    """COCO annotations of a scene's visible instances (compressed RLE, visible `area` and `bbox`).
+    """COCO annotations of a scene's visible instances (compressed RLE, visible `area` and `bbox`, plus
+    `occluded_fraction` and `cut_fraction`).
 
     Instances with no visible pixel are left out. Ids count up from `first_id`.
     """
@@ -406,9 +407,20 @@ def coco_annotations(scene: Scene, image_id: int, first_id: int = 1) -> list[dic
                 "area": int(mask_util.area(rle)),
                 "bbox": [float(v) for v in mask_util.toBbox(rle)],
                 "iscrowd": 0,
+                **_hidden_fractions(scene.shapes[k], mask),
             }
         )
     return out
+
+
+def _hidden_fractions(shape: Shape, visible: np.ndarray) -> dict[str, float]:
+    """How much of an object the truth does not show: `occluded_fraction` (of its in-image pixels, hidden
+    by later objects) and `cut_fraction` (of its geometric area, outside the image). `segbatch eval`
+    reports AP on the occluded and cut subsets from these (extra COCO fields; pycocotools ignores them)."""
+    inside = int(shape_mask(shape, *visible.shape).sum())
+    occluded = 1.0 - int(visible.sum()) / inside if inside else 0.0
+    cut = max(0.0, 1.0 - inside / shape.area()) if shape.area() > 0 else 0.0
+    return {"occluded_fraction": round(occluded, 4), "cut_fraction": round(cut, 4)}
 
 
 def write_scene_folder(folder: Path, count: int, seed: int, *, truth: Path | None = None) -> list[Path]:

@@ -16,7 +16,7 @@ from pycocotools import mask as mask_util
 
 from segbatch.cli import main
 from segbatch.errors import JobError
-from segbatch.evaluate import evaluate_output, format_report
+from segbatch.evaluate import coco_metrics, evaluate_output, format_report
 from segbatch.masks import encode_png_label_map
 from segbatch.sinks import Committer, rows_to_table
 from segbatch.synth import CLASSES, write_dataset
@@ -208,3 +208,45 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
         evaluate_output(str(tmp_path / "nothing"), str(tmp_path))
     write_outputs(tmp_path / "out", "instance", [{"rel_key": "a.png", "height": 4, "width": 4, "instances": []}])
     assert main(["eval", str(tmp_path / "out"), "--truth", str(tmp_path / "missing.json")]) == 1
+
+
+def test_tiny_range_and_occluded_subset_exact() -> None:
+    # One 20x20 object (tiny: area <= 24²), one 40x40 object with 30% of it hidden (occluded subset).
+    h = w = 96
+    tiny, btiny, atiny = _square_rle(h, w, 4, 4, 20)
+    big, bbig, abig = _square_rle(h, w, 40, 40, 40)
+    truth = {
+        "images": [{"id": 1, "file_name": "a.png", "height": h, "width": w}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "segmentation": {"size": [h, w], "counts": tiny},
+             "area": atiny, "bbox": btiny, "iscrowd": 0, "occluded_fraction": 0.0, "cut_fraction": 0.0},
+            {"id": 2, "image_id": 1, "category_id": 1, "segmentation": {"size": [h, w], "counts": big},
+             "area": abig, "bbox": bbig, "iscrowd": 0, "occluded_fraction": 0.3, "cut_fraction": 0.0},
+        ],
+        "categories": [{"id": 1, "name": "circle"}],
+    }
+
+    def det(rle: str, box: list[float]) -> dict[str, Any]:
+        return {"image_id": 1, "category_id": 1, "score": 0.9, "bbox": box,
+                "segmentation": {"size": [h, w], "counts": rle}}
+
+    # Only the big, occluded object found: half the objects at precision 1 (51 of 101 recall points),
+    # none of the tiny ones, all of the occluded ones; no object is cut by the border.
+    m = coco_metrics(truth, [det(big, bbig)], "segm")
+    assert m["AP"] == pytest.approx(51 / 101)
+    assert m["APtiny"] == 0.0 and m["AP50tiny"] == 0.0
+    assert m["occluded"] == {"objects": 1, "AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)}
+    assert m["cut"] == {"objects": 0, "AP": None, "AP50": None}
+    # Only the tiny one found: the reverse. Its detection is not a false positive for the occluded subset
+    # (it matches an object outside the subset), so occluded AP is 0 from missing recall alone.
+    m = coco_metrics(truth, [det(tiny, btiny)], "segm")
+    assert m["APtiny"] == pytest.approx(1.0) and m["occluded"]["AP"] == 0.0
+    # A false positive counts against the subset: precision 1/2 before the occluded object's detection.
+    fp, bfp, _ = _square_rle(h, w, 60, 4, 16)
+    m = coco_metrics(truth, [det(big, bbig) | {"score": 0.5}, det(fp, bfp)], "segm")
+    assert m["occluded"]["AP"] == pytest.approx(0.5)
+    # Truth without the fields (any COCO file): no subsets, the rest unchanged.
+    for a in truth["annotations"]:
+        del a["occluded_fraction"], a["cut_fraction"]
+    m = coco_metrics(truth, [det(big, bbig)], "segm")
+    assert m["occluded"] is None and m["AP"] == pytest.approx(51 / 101)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_util
 
@@ -166,3 +167,19 @@ def test_write_scene_folder_images_only(tmp_path: Path) -> None:
         "batch-b/scene-0002.jpg",
     ]
     assert not (tmp_path / "truth").exists()
+
+
+def test_hidden_fractions_by_hand() -> None:
+    # A 41x21-pixel rectangle (x 10..50, y 10..30) whose right half (x 31..50: 20 of 41 columns) is
+    # painted over by a later one; and a rectangle centred on the left border, half outside the image.
+    back = rectangle(30, 20, 40, 20)
+    front = rectangle(45, 20, 28, 30)  # x 31..59
+    edge = rectangle(0, 60, 40, 20)
+    scene = compose(_flat(80, 80), [(back, Fill("solid", (200, 0, 0))), (front, Fill("solid", (0, 200, 0))),
+                                    (edge, Fill("solid", (0, 0, 200)))])
+    anns = coco_annotations(scene, 1)
+    assert anns[0]["occluded_fraction"] == pytest.approx(20 / 41, abs=1e-3)
+    assert anns[1]["occluded_fraction"] == 0.0 and anns[2]["occluded_fraction"] == 0.0
+    assert anns[0]["cut_fraction"] == 0.0 and anns[1]["cut_fraction"] == 0.0
+    # In-image pixels x 0..20 by y 50..70 (21 x 21) of a 40 x 20 = 800 px² rectangle.
+    assert anns[2]["cut_fraction"] == pytest.approx(1 - 21 * 21 / 800, abs=1e-3)
