@@ -30,7 +30,7 @@ from segbatch.models import Predictor, ResolvedWeights, resolve_weights
 from segbatch.plan import WorkItem, plan_items
 from segbatch.retry import call_with_retries
 from segbatch.sinks import Committer, manifest_uri, new_run_id, read_committed, rows_to_table, write_batch
-from segbatch.spec import JobSpec
+from segbatch.spec import ComputeSpec, JobSpec
 from segbatch.storage import UnsafeKeyError, filesystem, safe_relative_key, write_bytes_atomic
 
 __all__ = ["RunResult", "run_job", "item_rows"]
@@ -199,7 +199,31 @@ def _supersede(spec: JobSpec, run_id: str) -> None:
     logger.warning("--force: earlier results moved to %s/superseded/%s/", spec.output.uri.rstrip("/"), run_id)
 
 
-def build_dataset(spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWeights) -> Any:
+def actor_threads(compute: ComputeSpec, one_node_cpus: int | None) -> int:
+    """Torch threads per predict actor: `threads_per_actor`, else `cpus_per_actor` rounded.
+
+    On a one-node Ray (`one_node_cpus` = its CPUs) a CPU-only pool of fixed size shares the node's
+    cores instead: a 1-CPU reservation must not leave a laptop's other cores idle while the model runs
+    (load and write tasks are short and interleave with it).
+    """
+    if compute.threads_per_actor:
+        return compute.threads_per_actor
+    base = max(1, round(compute.cpus_per_actor))
+    if one_node_cpus and compute.gpus_per_actor == 0 and isinstance(compute.actors, int):
+        return max(base, one_node_cpus // compute.actors)
+    return base
+
+
+def _one_node_cpus() -> int | None:
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) != 1:
+        return None
+    return int(alive[0]["Resources"].get("CPU", 0)) or None
+
+
+def build_dataset(spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWeights, threads: int = 1) -> Any:
     """The Ray Data plan: from_items → load (tasks) → predict (actor pool) → write (tasks)."""
     import ray
 
@@ -238,7 +262,7 @@ def build_dataset(spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWe
                 "precision": m.precision,
                 "instance_png": spec.output.instance_png,
             },
-            "num_threads": max(1, round(c.cpus_per_actor)),
+            "num_threads": threads,
         },
     )
     ds = ds.map_batches(
@@ -306,7 +330,9 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
         started_ray = _ensure_ray(spec)
         try:
             _check_resources(spec, started_ray)
-            ds = build_dataset(spec, item_rows(items), weights)
+            threads = actor_threads(spec.compute, _one_node_cpus())
+            logger.info("predict actors: %s, %d torch threads each", spec.compute.actors, threads)
+            ds = build_dataset(spec, item_rows(items), weights, threads)
             arrivals: list[tuple[float, int]] = []  # (time, rows so far): for the steady-state rate
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 arrivals.append((time.time(), (arrivals[-1][1] if arrivals else 0) + len(batch["item_id"])))

@@ -205,7 +205,13 @@ class ComputeSpec(_Strict):
     )
     gpus_per_actor: NonNegativeFloat = Field(default=0.0, description="GPUs each predict actor reserves (fractions allowed).")
     cpus_per_actor: PositiveFloat = Field(
-        default=1.0, description="CPUs each predict actor reserves; also its torch thread count (rounded, ≥1)."
+        default=1.0, description="CPUs each predict actor reserves (see `threads_per_actor` for its torch threads)."
+    )
+    threads_per_actor: PositiveInt | None = Field(
+        default=None,
+        description="Torch threads in each predict actor. Default: `cpus_per_actor` (rounded), except for a "
+        "CPU-only job with a fixed number of actors on a one-node Ray (a laptop): there the node's cores are "
+        "shared among the actors, since loads and writes are short and interleave with the model.",
     )
     cpus_per_loader: PositiveFloat = Field(default=1.0, description="CPUs each load (fetch + decode) task reserves.")
     memory_per_loader: PositiveInt = Field(

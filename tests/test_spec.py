@@ -133,3 +133,17 @@ def test_readme_documents_every_key() -> None:
     readme = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
     missing = [p for p in _field_paths(JobSpec) if f"| `{p}` |" not in readme]
     assert not missing, f"README.md lacks rows for {missing}"
+
+
+def test_actor_threads_share_a_laptop_and_respect_reservations_on_clusters() -> None:
+    from segbatch.pipeline import actor_threads
+    from segbatch.spec import ComputeSpec
+
+    assert actor_threads(ComputeSpec(), one_node_cpus=8) == 8  # laptop, one CPU actor: all cores
+    assert actor_threads(ComputeSpec(actors=2), one_node_cpus=8) == 4
+    assert actor_threads(ComputeSpec(actors=2, cpus_per_actor=6), one_node_cpus=8) == 6  # never below the reservation
+    assert actor_threads(ComputeSpec(), one_node_cpus=None) == 1  # a multi-node cluster: the reservation
+    assert actor_threads(ComputeSpec(cpus_per_actor=3.6), one_node_cpus=None) == 4
+    assert actor_threads(ComputeSpec(gpus_per_actor=1, cpus_per_actor=2), one_node_cpus=16) == 2  # GPU actor
+    assert actor_threads(ComputeSpec(actors=(1, 4)), one_node_cpus=8) == 1  # autoscaling pool: the reservation
+    assert actor_threads(ComputeSpec(threads_per_actor=3), one_node_cpus=8) == 3
