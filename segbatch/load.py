@@ -48,7 +48,7 @@ from segbatch.errors import ItemError
 from segbatch.retry import Retries, call_with_retries
 from segbatch.storage import filesystem
 
-__all__ = ["EMPTY_IMAGE", "Loader", "decode_image", "load_batch", "to_rgb"]
+__all__ = ["EMPTY_IMAGE", "Loader", "decode_image", "inspect_jpeg", "load_batch", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,32 @@ def decode_image(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
             raise ItemError("too_large", f"{uri}: not enough memory to convert {im.width}x{im.height} pixels") from None
         except Exception as e:  # noqa: BLE001
             raise ItemError("unsupported", f"{uri}: cannot convert colour mode {im.mode} to RGB: {e}") from None
+
+
+def inspect_jpeg(data: bytes, uri: str, max_pixels: int) -> tuple[int, int, int] | None:
+    """(height, width, EXIF orientation) of a JPEG the predict actor can decode itself, else None.
+
+    For `compute.jpeg_decode: device`. Only colour (YCbCr) or gray JPEGs that end with an EOI marker
+    qualify; anything else (other formats, CMYK, a file cut short) returns None and is decoded here,
+    so it gets exactly the default path's result or error. Height and width are after orientation.
+
+    Raises:
+        ItemError: the same header and size errors :func:`decode_image` raises.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    with warnings.catch_warnings(), _pil_pixel_limit(max_pixels):
+        warnings.simplefilter("ignore")
+        im = _open(data, uri, max_pixels)
+        if im.format != "JPEG" or im.mode not in ("RGB", "L") or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            return None
+        try:
+            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+        except Exception:  # noqa: BLE001 - as _orient: unreadable EXIF means "as stored"
+            orientation = 1
+    orientation = orientation if isinstance(orientation, int) and orientation in _ORIENTATION else 1
+    w, h = im.size
+    return (w, h, orientation) if orientation in (5, 6, 7, 8) else (h, w, orientation)
 
 
 def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
@@ -265,6 +291,8 @@ class Loader:
 
     Output columns added: `image` (HxWx3 uint8; empty for errors), `width`, `height`, `status`,
     `error_class`, `error`, `retries` (int32: retries spent fetching the item; later stages add theirs).
+    With `jpeg_decode="device"` also `jpeg` (the file's bytes, for JPEGs :func:`inspect_jpeg` accepts,
+    whose `image` is then left empty for the actor to decode; else b"") and `orientation` (EXIF).
     """
 
     def __init__(
@@ -273,8 +301,10 @@ class Loader:
         max_pixels: int = 178_956_970,
         max_bytes: int = 512 * 1024 * 1024,
         fetch_concurrency: int = 16,
+        jpeg_decode: str = "loader",
     ) -> None:
         self.storage_options = storage_options or {}
+        self.jpeg_decode = jpeg_decode
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
         self.fetch_concurrency = fetch_concurrency
@@ -319,6 +349,8 @@ class Loader:
         to_fetch = [i for i, s in enumerate(sizes) if s <= self.max_bytes and not plan_errors[i]]
         fetched = dict(zip(to_fetch, self._fetch([uris[i] for i in to_fetch])))
         images, widths, heights, status, classes, errors = [], [], [], [], [], []
+        jpegs: list[bytes] = [b""] * len(uris)
+        orientations = np.ones(len(uris), dtype=np.int8)
         retries = [fetched[i][1] if i in fetched else 0 for i in range(len(uris))]
         for i, uri in enumerate(uris):
             result: np.ndarray | ItemError
@@ -333,7 +365,12 @@ class Loader:
                     result = got
                 else:
                     try:
-                        result = decode_image(got, uri, self.max_pixels)
+                        shape = inspect_jpeg(got, uri, self.max_pixels) if self.jpeg_decode == "device" else None
+                        if shape is None:
+                            result = decode_image(got, uri, self.max_pixels)
+                        else:  # the actor decodes it on its device; an empty array of the final size
+                            result = np.empty((shape[0], shape[1], 0), dtype=np.uint8)
+                            jpegs[i], orientations[i] = got, shape[2]
                     except ItemError as e:
                         result = e
             if isinstance(result, ItemError):
@@ -344,7 +381,7 @@ class Loader:
                 classes.append(result.error_class)
                 errors.append(result.message)
             else:
-                images.append(result)
+                images.append(result if result.shape[2] else EMPTY_IMAGE)
                 heights.append(result.shape[0])
                 widths.append(result.shape[1])
                 status.append("ok")
@@ -358,6 +395,9 @@ class Loader:
         out["error_class"] = np.asarray(classes, dtype=object)
         out["error"] = np.asarray(errors, dtype=object)
         out["retries"] = np.asarray(retries, dtype=np.int32)
+        if self.jpeg_decode == "device":
+            out["jpeg"] = np.asarray(jpegs, dtype=object)
+            out["orientation"] = orientations
         return out
 
 

@@ -242,6 +242,7 @@ def build_dataset(spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWe
             "max_pixels": spec.input.max_pixels,
             "max_bytes": spec.input.max_bytes,
             "fetch_concurrency": c.fetch_concurrency,
+            "jpeg_decode": c.jpeg_decode,
         },
     )
     actors = c.actors if isinstance(c.actors, int) else tuple(c.actors)

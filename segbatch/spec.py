@@ -218,6 +218,12 @@ class ComputeSpec(_Strict):
         default=512 * 1024 * 1024,
         description="Memory (bytes) each load task reserves for its decoded images; keeps decode in its own stage.",
     )
+    jpeg_decode: Literal["loader", "device"] = Field(
+        default="loader",
+        description="Where JPEGs are decoded: `loader` (CPU tasks, Pillow) or `device`: load tasks fetch and check "
+        "the header, the predict actor decodes with torchvision's `decode_jpeg` on its device (nvJPEG on a GPU; "
+        "libjpeg-turbo on a CPU actor). Other formats, CMYK and files cut short are always decoded by loaders.",
+    )
     load_batch_size: PositiveInt = Field(default=16, description="Images fetched concurrently and decoded per load task.")
     fetch_concurrency: PositiveInt = Field(default=16, description="Concurrent object fetches within one load task.")
 

@@ -191,3 +191,25 @@ def test_incremental_run_processes_only_new_and_changed(tmp_path: Path) -> None:
     replaced = latest[str(tmp_path / "in" / "img-001.png")]
     assert (replaced["height"], replaced["width"]) == (48, 40)
     assert decode_png_label_map(Path(replaced["mask_uri"]).read_bytes()).shape == (48, 40)
+
+
+def test_device_jpeg_decode_gives_the_loader_paths_results(tmp_path: Path) -> None:
+    # compute.jpeg_decode: device sends JPEG bytes through Ray (Arrow binary column) to the actor.
+    from tests.test_device_decode import _files
+
+    names = sorted(_files(tmp_path / "in"))
+    outputs = {}
+    for mode in ("loader", "device"):
+        data = job(tmp_path / mode, tmp_path / "in", task="semantic", arch="segbatch.models.small:unet_small", num_classes=4)
+        data["compute"]["jpeg_decode"] = mode
+        result = run_job(parse_job(data))
+        assert (result.ok, result.errors) == (6, {"truncated": 1})
+        outputs[mode] = {Path(r["uri"]).name: r for r in read_committed(str(tmp_path / mode / "out"), {}).to_pylist()}
+    assert sorted(outputs["device"]) == names
+    for name in names:
+        a, b = outputs["loader"][name], outputs["device"][name]
+        assert (a["status"], a["error_class"], a["width"], a["height"]) == (b["status"], b["error_class"], b["width"], b["height"])
+        if a["status"] == "ok":
+            ma = decode_png_label_map(Path(a["mask_uri"]).read_bytes())
+            mb = decode_png_label_map(Path(b["mask_uri"]).read_bytes())
+            assert ma.shape == mb.shape and (ma == mb).mean() >= 0.999, name

@@ -24,7 +24,7 @@ from pycocotools import mask as mask_util
 from segbatch.models.weights import IMAGENET_MEAN, IMAGENET_STD, ResolvedWeights, apply_weights, load_state_dict_bytes
 from segbatch.models.zoo import build_model, configure_detector, seeded_init
 
-__all__ = ["Predictor", "instances_from_output", "EMPTY_LABELS"]
+__all__ = ["EMPTY_LABELS", "Predictor", "decode_jpegs", "instances_from_output", "orient_chw"]
 
 logger = logging.getLogger(__name__)
 EMPTY_LABELS = np.zeros((0, 0), dtype=np.uint8)
@@ -103,6 +103,40 @@ def instances_from_output(
     return out, id_map
 
 
+def orient_chw(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation (1-8) to a CHW tensor, as `PIL.ImageOps.exif_transpose` does."""
+    if orientation == 2:
+        return image.flip(2)
+    if orientation == 3:
+        return image.flip(1, 2)
+    if orientation == 4:
+        return image.flip(1)
+    if orientation == 5:
+        return image.transpose(1, 2)
+    if orientation == 6:
+        return image.transpose(1, 2).flip(2)
+    if orientation == 7:
+        return image.transpose(1, 2).flip(1, 2)
+    if orientation == 8:
+        return image.transpose(1, 2).flip(1)
+    return image
+
+
+def decode_jpegs(data: list[bytes], orientations: list[int], device: torch.device) -> list[torch.Tensor]:
+    """JPEG bytes → oriented RGB CHW uint8 tensors on `device` (nvJPEG on CUDA, libjpeg-turbo on CPU)."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; decode_jpeg still works
+        # and is what runs nvJPEG on a GPU. Moving to torchcodec.decoders.decode_jpeg is a drop-in later.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    return [orient_chw(im, int(o)) for im, o in zip(decoded, orientations)]
+
+
 class Predictor:
     """Ray Data actor: image rows in, compact predictions out (the `image` column is dropped).
 
@@ -163,20 +197,26 @@ class Predictor:
             return nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
 
-    def _to_device(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Stack uint8 HWC images and move them as uint8 (4x fewer bytes than float)."""
+    def _to_device(self, images: list[np.ndarray] | torch.Tensor) -> torch.Tensor:
+        """Stack uint8 HWC images and move them as uint8 (4x fewer bytes than float), as NCHW.
+
+        A tensor is taken as NCHW uint8 already on the device (images the actor decoded itself).
+        """
+        if isinstance(images, torch.Tensor):
+            return images
         x = torch.from_numpy(np.stack(images))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         return x.permute(0, 3, 1, 2)
 
     @torch.inference_mode()
-    def predict_semantic(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Same-size images → [(label map at the input size, per-class pixel counts)]."""
+    def predict_semantic(self, images: list[np.ndarray] | torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Same-size images (HWC arrays, or one NCHW uint8 device tensor) → [(label map, per-class pixel counts)]."""
         import torchvision.transforms.v2.functional as TF
 
-        height, width = images[0].shape[:2]
-        x = self._to_device(images).float().div_(255.0)
+        x = self._to_device(images)
+        height, width = x.shape[-2:]
+        x = x.float().div_(255.0)
         resize = self.weights.resize
         if resize is not None:
             size = [resize] if isinstance(resize, int) else list(resize)
@@ -194,13 +234,14 @@ class Predictor:
         counts = torch.stack([torch.bincount(lab.flatten(), minlength=n_classes) for lab in labels])
         labels_np = labels.to(torch.int32).cpu().numpy().astype(self.label_dtype)
         counts_np = counts.cpu().numpy().astype(np.int64)
-        return [(labels_np[i], counts_np[i]) for i in range(len(images))]
+        return [(labels_np[i], counts_np[i]) for i in range(len(labels_np))]
 
     @torch.inference_mode()
-    def predict_instance(self, images: list[np.ndarray]) -> list[tuple[list[dict[str, Any]], np.ndarray]]:
-        """Same-size images → [(instances, instance-id map)]."""
-        height, width = images[0].shape[:2]
-        x = self._to_device(images).float().div_(255.0)
+    def predict_instance(self, images: list[np.ndarray] | torch.Tensor) -> list[tuple[list[dict[str, Any]], np.ndarray]]:
+        """Same-size images (HWC arrays, or one NCHW uint8 device tensor) → [(instances, instance-id map)]."""
+        x = self._to_device(images)
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        x = x.float().div_(255.0)
         with self._autocast():
             outputs = self.model(list(x))
         thr = float(self.options.get("mask_threshold", 0.5))
@@ -210,8 +251,35 @@ class Predictor:
             for o in outputs
         ]
 
-    def _run_group(self, images: list[np.ndarray]) -> list[Any]:
+    def _run_group(self, images: list[np.ndarray] | torch.Tensor) -> list[Any]:
         return self.predict_semantic(images) if self.task == "semantic" else self.predict_instance(images)
+
+    def _decode_on_device(self, batch: dict[str, np.ndarray], idxs: list[int], status: list[str],
+                          error_class: list[str], error: list[str]) -> tuple[list[int], torch.Tensor | None]:
+        """Decode the JPEGs the loader left to us (`compute.jpeg_decode: device`): (decoded idxs, NCHW).
+
+        A file the device decoder rejects becomes a `truncated` error row; the others go on.
+        """
+        data = [bytes(batch["jpeg"][i]) for i in idxs]
+        orient = [int(batch["orientation"][i]) for i in idxs]
+        try:
+            return idxs, torch.stack(decode_jpegs(data, orient, self.device))
+        except Exception:  # noqa: BLE001 - find the bad file(s), keep the rest
+            pass
+        good, tensors = [], []
+        for i, d, o in zip(idxs, data, orient):
+            try:
+                image = decode_jpegs([d], [o], self.device)[0]
+                expected = (int(batch["height"][i]), int(batch["width"][i]))
+                if tuple(image.shape[-2:]) != expected:
+                    raise ValueError(f"decoded size {tuple(image.shape[-2:])} differs from the header's {expected}")
+                tensors.append(image)
+                good.append(i)
+            except Exception as e:  # noqa: BLE001 - one file's failure is data
+                status[i], error_class[i] = "error", "truncated"
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                error[i] = f"{batch['uri'][i]}: JPEG image data is truncated or corrupt (decoded on {self.device}): {msg}"[:500]
+        return good, (torch.stack(tensors) if tensors else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["item_id"])
@@ -219,26 +287,39 @@ class Predictor:
         error_class = [str(s) for s in batch["error_class"]]
         error = [str(s) for s in batch["error"]]
         results: dict[int, Any] = {}
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        on_device = "jpeg" in batch  # compute.jpeg_decode: device
+        groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i in range(n):
-            if status[i] == "ok":
+            if status[i] != "ok":
+                continue
+            if on_device and len(batch["jpeg"][i]):
+                groups[("jpeg", int(batch["height"][i]), int(batch["width"][i]))].append(i)
+            else:
                 groups[tuple(batch["image"][i].shape)].append(i)
         bs = int(self.options.get("batch_size", 4))
-        for idxs in groups.values():
+        for key, idxs in groups.items():
             for start in range(0, len(idxs), bs):
                 chunk = idxs[start : start + bs]
+                images: list[np.ndarray] | torch.Tensor
+                if key[0] == "jpeg":
+                    chunk, decoded = self._decode_on_device(batch, chunk, status, error_class, error)
+                    if decoded is None:
+                        continue
+                    images = decoded
+                else:
+                    images = [batch["image"][i] for i in chunk]
                 try:
-                    for i, r in zip(chunk, self._run_group([batch["image"][i] for i in chunk])):
+                    for i, r in zip(chunk, self._run_group(images)):
                         results[i] = r
                 except Exception:  # noqa: BLE001 - isolate the failing image, keep the rest
-                    for i in chunk:
+                    for j, i in enumerate(chunk):
                         try:
-                            results[i] = self._run_group([batch["image"][i]])[0]
+                            results[i] = self._run_group(images[j : j + 1])[0]
                         except Exception as e:  # noqa: BLE001 - one image's failure is data
                             status[i], error_class[i] = "error", "model_failed"
                             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
                             error[i] = f"{batch['uri'][i]}: model failed: {type(e).__name__}: {msg}"[:500]
-        out = {k: v for k, v in batch.items() if k != "image"}
+        out = {k: v for k, v in batch.items() if k not in ("image", "jpeg", "orientation")}
         out["status"] = np.asarray(status, dtype=object)
         out["error_class"] = np.asarray(error_class, dtype=object)
         out["error"] = np.asarray(error, dtype=object)
