@@ -60,8 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument(
         "--check-storage", action="store_true", help="also resolve the weights and list the input (touches storage)"
     )
-    demo = sub.add_parser("demo", help="generate sample images and run jobs/demo.yaml on them")
+    demo = sub.add_parser(
+        "demo", help="generate fresh scenes with truth, run jobs/demo.yaml and jobs/demo-instance.yaml, score both"
+    )
     demo.add_argument("--workdir", default=".", help="where demo-data/ and demo-output/ go (default: .)")
+    demo.add_argument("--images", type=int, default=48, help="number of scenes to generate (default: 48)")
+    demo.add_argument(
+        "--seed", type=int, default=None, help="first scene seed (default: 10000000, the first seed after training's)"
+    )
     add_submit_parser(sub)
     ev = sub.add_parser("eval", help="score a job's outputs against ground truth (IoU / COCO AP)")
     ev.add_argument("output", help="the job's output.uri (reads its committed metadata and masks)")
@@ -98,9 +104,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from segbatch.demo import run_demo
+    from segbatch.demo import DEMO_SEED, run_demo
 
-    return run_demo(Path(args.workdir))
+    if args.images < 1:
+        raise JobError(f"segbatch demo: --images expected a positive number, but got {args.images}")
+    return run_demo(Path(args.workdir), count=args.images, seed=DEMO_SEED if args.seed is None else args.seed)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

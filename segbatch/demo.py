@@ -1,37 +1,148 @@
-"""`segbatch demo`: make a small image folder and run `jobs/demo.yaml` on it, on a local Ray.
+"""`segbatch demo`: fresh scenes with ground truth, two jobs on them, both scored, one summary.
 
-The images are synthetic scenes (see :mod:`segbatch.synth`) in several sizes and formats, plus one
-corrupt file so the summary shows how a bad input becomes an error row instead of a dead job.
+What it does, on a local Ray:
+
+1. writes `count` synthetic scenes (:mod:`segbatch.synth`, seeds from :data:`DEMO_SEED`, outside the
+   training seeds) to `demo-data/images/` with their truth in `demo-data/truth/`, plus one corrupt
+   JPEG so the run shows a bad input becoming an error row instead of a dead job;
+2. runs `jobs/demo.yaml` (semantic, `builtin:shapes`) and `jobs/demo-instance.yaml` (instance,
+   `builtin:shapes`) over them, into `demo-output/semantic/` and `demo-output/instance/`;
+3. scores both with `segbatch eval` (mIoU; COCO mask/box AP) and writes `eval.json` next to each;
+4. prints one screen: what was found, how well, how fast, where the masks are.
+
+The demo is deterministic: the same seeds give the same scenes and (on the same machine) the same
+masks. `--seed` picks other fresh scenes.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from segbatch.synth import write_scene_folder
+from segbatch.errors import JobError
+from segbatch.synth import CLASSES, TRAIN_SEEDS, write_dataset
 
-__all__ = ["run_demo"]
+__all__ = ["DEMO_JOBS", "DEMO_SEED", "run_demo"]
 
-DEMO_JOB = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+#: The demo's jobs, by task: each reads `demo-data/images/` and writes `demo-output/<task>/`.
+DEMO_JOBS = {"semantic": JOBS / "demo.yaml", "instance": JOBS / "demo-instance.yaml"}
+#: First demo scene seed: the first seed after the training range, so no demo scene was trained on.
+DEMO_SEED = TRAIN_SEEDS.stop
 
 
-def run_demo(workdir: Path, job: Path = DEMO_JOB, images: int = 12) -> int:
-    """Generate `images` scenes under `workdir/demo-data/images`, then run the demo job there."""
+@dataclass
+class _Outcome:
+    task: str
+    result: Any  # pipeline.RunResult
+    report: dict[str, Any]
+    report_uri: str
+    found: Counter[str]
+
+
+def _found(output_uri: str, task: str) -> Counter[str]:
+    """What the job found, by class name: pixels share per class (semantic) or objects (instance)."""
+    from segbatch.sinks import read_committed
+
+    counts: Counter[str] = Counter()
+    for row in read_committed(output_uri, None, ["status", "class_pixels", "instances"]).to_pylist():
+        if row["status"] != "ok":
+            continue
+        if task == "instance":
+            counts.update(CLASSES[int(i["label"])] for i in row["instances"] or [])
+        else:
+            for label, pixels in enumerate(row["class_pixels"] or []):
+                counts[CLASSES[label] if label < len(CLASSES) else str(label)] += int(pixels)
+    return counts
+
+
+def _run_one(task: str, job: Path, images: Path, truth: Path, out: Path) -> _Outcome:
     from segbatch.cli import format_summary
+    from segbatch.evaluate import evaluate_output, format_report, write_report
     from segbatch.pipeline import run_job
     from segbatch.spec import load_job
 
-    data = workdir / "demo-data" / "images"
-    out = workdir / "demo-output"
-    for folder in (data.parent, out):
-        if folder.exists():
-            shutil.rmtree(folder)
-    write_scene_folder(data, count=images, seed=10_000_000)
-    (data / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
-    (data / "README.txt").write_text("not an image: ignored by the listing\n")
-    spec = load_job(job, [f"input.uri={data}", f"output.uri={out / 'semantic'}"])
-    print(f"segbatch demo: {images} generated images + 1 corrupt file in {data}", flush=True)
+    spec = load_job(job, [f"input.uri={images}", f"output.uri={out}"])
+    print(f"\n== {task}: {job.name} ({spec.model.weights}) ==", flush=True)
     result = run_job(spec)
     print(format_summary(result), flush=True)
-    return 1 if result.failed_budget else 0
+    report = evaluate_output(str(out), str(truth if task == "semantic" else truth / "instances.json"))
+    report_uri = write_report(report, str(out))
+    print(format_report(report), flush=True)
+    return _Outcome(task, result, report, report_uri, _found(str(out), task))
+
+
+def _quality_line(o: _Outcome) -> str:
+    m = o.report["metrics"]
+    if o.task == "semantic":
+        per = " · ".join(
+            f"{name} {c['iou']:.3f}" for name, c in o.report["per_class"].items() if c["iou"] is not None
+        )
+        return f"mIoU {m['mIoU']:.3f} ({per})"
+    s = m["segm"]
+    tiny = "-" if s.get("APtiny") is None else f"{s['APtiny']:.3f}"
+    occ = s.get("occluded") or {}
+    occ_text = f" · occluded AP {occ['AP']:.3f}" if occ.get("AP") is not None else ""
+    return f"mask AP {s['AP']:.3f} · AP50 {s['AP50']:.3f} · AP75 {s['AP75']:.3f} · tiny AP {tiny}{occ_text}"
+
+
+def _found_line(o: _Outcome) -> str:
+    if o.task == "instance":
+        return ", ".join(f"{n} {o.found[n]}" for n in CLASSES[1:]) + " objects"
+    total = sum(o.found.values()) or 1
+    return ", ".join(f"{n} {o.found[n] / total:.1%}" for n in CLASSES) + " of pixels"
+
+
+def format_demo_summary(count: int, seed: int, outcomes: list[_Outcome]) -> str:
+    """The closing screen: per job what it found, its scores, its speed and where its outputs are."""
+    lines = [
+        "",
+        "=" * 100,
+        f"segbatch demo: {count} fresh scenes (seeds {seed}..{seed + count - 1}, none used in training) "
+        "+ 1 corrupt file",
+    ]
+    for o in outcomes:
+        r = o.result
+        errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "none"
+        out = r.output_uri.rstrip("/")
+        lines += [
+            f"{o.task:<9} model {o.report.get('model')} (weights sha256 {r.weights_sha256[:12]})",
+            f"{'':<9} images  ok {r.ok} · errors {errors} · {r.images_per_second:.1f} images/s "
+            f"({r.wall_seconds:.0f} s including Ray and model start-up)",
+            f"{'':<9} found   {_found_line(o)}",
+            f"{'':<9} quality {_quality_line(o)}",
+            f"{'':<9} masks   {out}/masks/ · metadata {out}/metadata/ · report {o.report_uri}",
+        ]
+    lines.append("=" * 100)
+    return "\n".join(lines)
+
+
+def run_demo(workdir: Path, count: int = 48, seed: int = DEMO_SEED, jobs: dict[str, Path] | None = None) -> int:
+    """Generate the scenes, run and score both demo jobs; returns the exit code (1: a job failed its budget)."""
+    import ray
+
+    if seed in TRAIN_SEEDS or seed + count - 1 in TRAIN_SEEDS:
+        raise JobError(f"segbatch demo: seeds {seed}..{seed + count - 1} overlap the training seeds {TRAIN_SEEDS}")
+    root, out = workdir / "demo-data", workdir / "demo-output"
+    for folder in (root, out):
+        if folder.exists():
+            shutil.rmtree(folder)
+    images, truth = write_dataset(root, count, seed)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    (images / "README.txt").write_text("not an image: ignored by the listing\n")
+    print(f"segbatch demo: {count} scenes + 1 corrupt file in {images}, truth in {truth}", flush=True)
+    outcomes: list[_Outcome] = []
+    started = not ray.is_initialized()
+    if started:  # one local Ray for both jobs (run_job leaves a Ray it did not start running)
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    try:
+        for task, job in (jobs or DEMO_JOBS).items():
+            outcomes.append(_run_one(task, job, images, truth, out / task))
+    finally:
+        if started:
+            ray.shutdown()
+    print(format_demo_summary(count, seed, outcomes), flush=True)
+    return 1 if any(o.result.failed_budget for o in outcomes) else 0

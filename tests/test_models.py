@@ -211,3 +211,33 @@ def test_instances_are_cropped_encoded_and_painted_by_score() -> None:
         assert inst["area"] == int(mask.sum())
     assert id_map[7, 9] == 1  # overlap: the higher score wins
     assert id_map[3, 4] == 2 and id_map[0, 29] == 1 and id_map[18, 0] == 0
+
+
+def test_instances_to_labels_paints_the_most_confident_covering_detection() -> None:
+    from segbatch.models.small import InstancesToLabels
+
+    h, w = 4, 6
+    left = torch.zeros(h, w)
+    left[:, :3] = 0.9
+    everywhere = torch.full((h, w), 0.8)
+    faint = torch.full((h, w), 0.4)
+
+    class FixedDetections(torch.nn.Module):  # stands in for a detector: known detections, any input
+        def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            return [
+                {
+                    "labels": torch.tensor([2, 1, 3, 1]),
+                    "scores": torch.tensor([0.6, 0.9, 0.4, 0.7]),
+                    "masks": torch.stack([everywhere, left, everywhere, faint])[:, None],
+                }
+                for _ in images
+            ]
+
+    model = InstancesToLabels(FixedDetections(), num_classes=4, score_threshold=0.5, mask_threshold=0.5)
+    labels = model(torch.zeros(2, 3, h, w))["out"].argmax(1)
+    expected = torch.full((h, w), 2)
+    expected[:, :3] = 1  # class 1 (score 0.9) on top where its mask covers; class 3 scores below 0.5;
+    assert torch.equal(labels[0], expected) and torch.equal(labels[1], expected)  # the 0.7 mask is too faint
+    # Nothing detected: all background.
+    model.score_threshold = 0.95
+    assert int(model(torch.zeros(1, 3, h, w))["out"].argmax(1).max()) == 0

@@ -66,6 +66,7 @@ from segbatch.models.zoo import build_model  # noqa: E402
 from segbatch.synth import CLASSES, SIZE_RANGE, TRAIN_SEEDS, coco_annotations, coco_categories, make_scene, scene_from_seed  # noqa: E402
 
 ARCH = {"semantic": "segbatch.models.small:unet_small", "instance": "segbatch.models.small:maskrcnn_small"}
+SEMANTIC_FROM_INSTANCE = "segbatch.models.small:maskrcnn_small_semantic"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VAL_SEED = 20_000_000
@@ -180,6 +181,13 @@ def train(task: str, args: argparse.Namespace, device: torch.device) -> tuple[to
     torch.manual_seed(args.torch_seed)
     arch = (args.semantic_arch if task == "semantic" else args.instance_arch) or ARCH[task]
     model = build_model(task, arch, len(CLASSES))
+    init_from = None
+    if args.init:  # continue from an earlier checkpoint of this script (a second, shorter schedule)
+        data = Path(args.init).read_bytes()
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
+        init_from = {"file": Path(args.init).name, "sha256": hashlib.sha256(data).hexdigest(),
+                     "its_recipe": {k: ckpt.get("recipe", {}).get(k) for k in ("steps", "scene_seeds", "seconds", "command")}}
     sampling = ""
     if task == "instance" and hasattr(model, "rpn"):
         # Training-time sampling only (not saved with the weights): fewer proposals and RoI samples per
@@ -256,6 +264,8 @@ def train(task: str, args: argparse.Namespace, device: torch.device) -> tuple[to
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "loss_history": history,
     }
+    if init_from:
+        stats["init"] = init_from
     log(f"{task}: {step} steps in {wall:.0f} s ({stats['seconds_per_step']} s/step), final loss {stats['final_loss']}")
     return model, stats
 
@@ -321,6 +331,32 @@ def validate(task: str, arch: str, path: Path, count: int, score_threshold: floa
     return result
 
 
+def derive_semantic(instance_path: Path, out: Path, val_count: int) -> Path:
+    """`shapes-semantic.pt` from an instance checkpoint: the same weights behind a semantic interface
+    (`segbatch.models.small:maskrcnn_small_semantic`: every pixel takes the class of the most confident
+    detection covering it). No training; validated like a trained model."""
+    data = instance_path.read_bytes()
+    ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    recipe = {
+        "task": "semantic",
+        "arch": SEMANTIC_FROM_INSTANCE,
+        "derived_from": {"file": instance_path.name, "sha256": hashlib.sha256(data).hexdigest()},
+        "method": "the instance model's detections (score >= 0.5) painted into a label map, most confident "
+        "detection on top (mask probability >= 0.5); background elsewhere. No training of its own.",
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    }
+    state = {f"detector.{k}": v for k, v in ckpt["state_dict"].items()}
+    derived = {"state_dict": state, "classes": list(CLASSES), "arch": SEMANTIC_FROM_INSTANCE,
+               "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "recipe": recipe}
+    path = out / "shapes-semantic.pt"
+    torch.save(derived, path)
+    if val_count:
+        recipe["validation"] = validate("semantic", SEMANTIC_FROM_INSTANCE, path, val_count, 0.5)
+        torch.save(derived, path)
+    log(f"semantic: wrote {path} ({path.stat().st_size / 1e6:.2f} MB), derived from {instance_path.name}")
+    return path
+
+
 def write_recipe(out: Path) -> Path:
     """RECIPE.md from the recipes stored in every `shapes-*.pt` under `out`, with their sha256."""
     lines = [
@@ -343,7 +379,7 @@ def write_recipe(out: Path) -> Path:
             f"- size: {path.stat().st_size} bytes (fp16 tensors)",
             f"- arch: `{ckpt.get('arch')}`, classes {ckpt.get('classes')}",
         ]
-        for key in ("parameters", "steps", "batch_size", "scene_seeds", "optimizer", "loss", "augment", "final_loss",
+        for key in ("derived_from", "method", "init", "parameters", "steps", "batch_size", "scene_seeds", "optimizer", "loss", "augment", "final_loss",
                     "seconds", "seconds_per_step", "device", "threads", "torch", "python", "command"):
             if key in r:
                 lines.append(f"- {key.replace('_', ' ')}: `{r[key]}`" if key in ("command", "scene_seeds") else f"- {key.replace('_', ' ')}: {r[key]}")
@@ -372,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-3 semantic, 1e-3 instance)")
     p.add_argument("--seed-start", type=int, default=0, help="first training scene seed (inside [0, 10_000_000))")
     p.add_argument("--torch-seed", type=int, default=0, help="seed of the weight initialisation")
+    p.add_argument("--semantic-from-instance", type=Path, default=None, metavar="SHAPES_INSTANCE_PT",
+                   help="no training: write shapes-semantic.pt as this instance checkpoint behind a semantic interface")
+    p.add_argument("--init", default=None, help="start from this shapes-<task>.pt instead of random weights")
     p.add_argument("--out", type=Path, default=REPO / "segbatch" / "models" / "builtin", help="where the .pt files and RECIPE.md go")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
@@ -380,12 +419,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-score-threshold", type=float, default=0.5, help="instance validation: the job's score_threshold")
     p.add_argument("--log-every", type=int, default=25)
     args = p.parse_args(argv)
-    if not args.steps and not args.minutes:
+    if not args.steps and not args.minutes and not args.semantic_from_instance:
         p.error("give a budget: --steps and/or --minutes")
+    if args.init and args.task == "both":
+        p.error("--init continues one model: pick --task semantic or --task instance")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     torch.set_num_threads(args.threads)
     if args.workers is None:
         args.workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+    if args.semantic_from_instance:
+        derive_semantic(args.semantic_from_instance, args.out, args.val_count)
+        write_recipe(args.out)
+        return 0
     tasks = ["semantic", "instance"] if args.task == "both" else [args.task]
     for task in tasks:
         model, stats = train(task, args, device)

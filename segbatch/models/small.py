@@ -17,7 +17,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-__all__ = ["maskrcnn_small", "unet_small"]
+__all__ = ["InstancesToLabels", "maskrcnn_small", "maskrcnn_small_semantic", "unet_small"]
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -118,3 +118,41 @@ def _dilated(channels: int, dilation: int) -> nn.Sequential:
 def unet_small(num_classes: int = 4) -> UNetSmall:
     """Factory for :class:`UNetSmall` (about 2.1M parameters)."""
     return UNetSmall(num_classes=num_classes)
+
+
+class InstancesToLabels(nn.Module):
+    """A semantic model made of an instance model: each pixel takes the class of the most confident
+    detection whose mask covers it.
+
+    Input: an `(N, 3, H, W)` float batch in [0, 1] (the detector normalises itself, so its checkpoint
+    sets mean 0 and std 1). Output `{"out": (N, C, H, W)}` scores whose argmax is the label map:
+    channel c holds, per pixel, the highest score among detections of class c (scoring at least
+    `score_threshold`) whose mask probability there is at least `mask_threshold`; background holds
+    half the score threshold, so uncovered pixels stay background. Ordering by detection score (not
+    by mask probability) settles overlaps the way the detector ranks its objects.
+    """
+
+    def __init__(self, detector: nn.Module, num_classes: int, score_threshold: float = 0.5, mask_threshold: float = 0.5) -> None:
+        super().__init__()
+        self.detector = detector
+        self.num_classes = num_classes
+        self.score_threshold = score_threshold
+        self.mask_threshold = mask_threshold
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        n, _, h, w = x.shape
+        out = torch.zeros((n, self.num_classes, h, w), device=x.device)
+        out[:, 0] = self.score_threshold / 2
+        for i, det in enumerate(self.detector(list(x))):
+            keep = det["scores"] >= self.score_threshold
+            for label, score, mask in zip(det["labels"][keep].tolist(), det["scores"][keep], det["masks"][keep, 0]):
+                if 0 < label < self.num_classes:
+                    painted = torch.where(mask >= self.mask_threshold, score, torch.zeros_like(mask))
+                    torch.maximum(out[i, label], painted, out=out[i, label])
+        return OrderedDict(out=out)
+
+
+def maskrcnn_small_semantic(num_classes: int = 4, score_threshold: float = 0.5) -> InstancesToLabels:
+    """:func:`maskrcnn_small` as a semantic model (see :class:`InstancesToLabels`); its weights are the
+    instance model's, under the `detector.` prefix."""
+    return InstancesToLabels(maskrcnn_small(num_classes=num_classes), num_classes, score_threshold=score_threshold)
