@@ -83,7 +83,8 @@ def _segbatch_run(args: argparse.Namespace, images: Path, work: Path) -> tuple[d
             "score_threshold": 0.05,
         },
         "output": {"uri": str(out), "instance_png": args.task == "instance"},
-        # The product's defaults (one actor, one CPU each for the actor and each load task); tune with --set.
+        # The product's defaults: one actor reserving one CPU whose torch threads share the machine's cores (one-node
+        # Ray), one CPU per load task; tune with --set.
         "compute": {"actors": 1},
     }
     path = work / "bench.yaml"

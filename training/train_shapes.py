@@ -32,10 +32,14 @@ Output (`--out`, default the package's `segbatch/models/builtin/`): `shapes-<tas
 metrics and sha256 of every `shapes-*.pt` there). After saving, the file is loaded back through
 `segbatch.models.resolve_weights` + `Predictor` (the job's path) and validated on fresh scenes.
 
-Examples:
-    # the shipped models (a GPU makes this minutes instead of an hour per model)
-    python training/train_shapes.py --task semantic --steps 6000
-    python training/train_shapes.py --task instance --steps 8000
+`--init FILE` continues from an earlier `shapes-<task>.pt` (a second schedule; the recipe records the
+file's sha256). `--semantic-from-instance FILE` trains nothing: it writes `shapes-semantic.pt` as the
+instance model behind a semantic interface (`segbatch.models.small:maskrcnn_small_semantic`), which is
+what ships, because the U-Net did not learn the classes on this budget (training/README.md).
+
+Examples (training/README.md lists the exact commands behind the shipped files):
+    python training/train_shapes.py --task instance --steps 4000 --minutes 58
+    python training/train_shapes.py --semantic-from-instance segbatch/models/builtin/shapes-instance.pt
     # a smoke run that leaves the package alone
     python training/train_shapes.py --task both --minutes 2 --out /tmp/shapes-smoke --val-count 10
 """
