@@ -85,7 +85,7 @@ def _quality_line(o: _Outcome) -> str:
     s = m["segm"]
     tiny = "-" if s.get("APtiny") is None else f"{s['APtiny']:.3f}"
     occ = s.get("occluded") or {}
-    occ_text = f" · occluded AP {occ['AP']:.3f}" if occ.get("AP") is not None else ""
+    occ_text = f" · occluded objects found {occ['recall50']:.0%}" if occ.get("recall50") is not None else ""
     return f"mask AP {s['AP']:.3f} · AP50 {s['AP50']:.3f} · AP75 {s['AP75']:.3f} · tiny AP {tiny}{occ_text}"
 
 

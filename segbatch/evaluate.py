@@ -230,7 +230,24 @@ def _subset_metrics(gt: Any, dt: Any, iou_type: str, field: str) -> dict[str, An
         ev.evaluate()
         ev.accumulate()
     ap, ap50 = _mean_precision(ev) if members else (None, None)
-    return {"objects": len(members), "AP": ap, "AP50": ap50}
+    return {"objects": len(members), "AP": ap, "AP50": ap50, **_recall(ev, members)}
+
+
+def _recall(ev: Any, members: set[int]) -> dict[str, float | None]:
+    """Share of the `members` objects matched by some detection at IoU 0.5 and 0.75 (COCO's greedy
+    matching, all areas, up to the largest max-detections). Unlike AP it ignores false positives
+    elsewhere in the images, which swamp a small subset's precision."""
+    matched = np.zeros(len(ev.params.iouThrs), dtype=np.int64)
+    all_area, max_det = ev.params.areaRng[0], ev.params.maxDets[-1]
+    for e in ev.evalImgs:
+        if e is None or e["aRng"] != all_area or e["maxDet"] != max_det:
+            continue
+        for g, gt_id in enumerate(e["gtIds"]):
+            if gt_id in members:
+                matched += (e["gtMatches"][:, g] > 0).astype(np.int64)
+    if not members:
+        return {"recall50": None, "recall75": None}
+    return {"recall50": float(matched[0] / len(members)), "recall75": float(matched[5] / len(members))}
 
 
 # --- reading outputs and truth ---------------------------------------------------------------
@@ -496,12 +513,13 @@ def format_report(report: dict[str, Any]) -> str:
         segm = report["metrics"]["segm"]
         hard = [
             f"{name} ({segm[name]['objects']} objects, >= {SUBSET_MIN:.0%} {_SUBSET_WORDS[name]}): "
-            f"segm AP {_fmt(segm[name]['AP']).strip()} · AP50 {_fmt(segm[name]['AP50']).strip()}"
+            f"segm AP {_fmt(segm[name]['AP']).strip()} · AP50 {_fmt(segm[name]['AP50']).strip()} · "
+            f"recall@0.5 {_fmt(segm[name]['recall50']).strip()} · @0.75 {_fmt(segm[name]['recall75']).strip()}"
             for name in _SUBSETS
             if segm.get(name)
         ]
         if hard:
-            lines.append("  subsets    " + " | ".join(hard))
+            lines += [f"  subset     {h}" for h in hard]
         lines.append(f"  (APtiny: objects of at most {TINY_SIDE}x{TINY_SIDE} px by area; APs/APm/APl: COCO's ranges)")
         lines.append(f"  {'class':<14} {'objects':>7} {'segm AP':>8} {'AP50':>7} {'bbox AP':>8} {'AP50':>7}")
         for name, c in report["per_class"].items():

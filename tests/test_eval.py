@@ -235,8 +235,9 @@ def test_tiny_range_and_occluded_subset_exact() -> None:
     m = coco_metrics(truth, [det(big, bbig)], "segm")
     assert m["AP"] == pytest.approx(51 / 101)
     assert m["APtiny"] == 0.0 and m["AP50tiny"] == 0.0
-    assert m["occluded"] == {"objects": 1, "AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)}
-    assert m["cut"] == {"objects": 0, "AP": None, "AP50": None}
+    assert m["occluded"] == {"objects": 1, "AP": pytest.approx(1.0), "AP50": pytest.approx(1.0),
+                             "recall50": 1.0, "recall75": 1.0}
+    assert m["cut"] == {"objects": 0, "AP": None, "AP50": None, "recall50": None, "recall75": None}
     # Only the tiny one found: the reverse. Its detection is not a false positive for the occluded subset
     # (it matches an object outside the subset), so occluded AP is 0 from missing recall alone.
     m = coco_metrics(truth, [det(tiny, btiny)], "segm")
@@ -245,6 +246,14 @@ def test_tiny_range_and_occluded_subset_exact() -> None:
     fp, bfp, _ = _square_rle(h, w, 60, 4, 16)
     m = coco_metrics(truth, [det(big, bbig) | {"score": 0.5}, det(fp, bfp)], "segm")
     assert m["occluded"]["AP"] == pytest.approx(0.5)
+    assert m["occluded"]["recall50"] == 1.0  # recall does not see the false positive
+    # A detection overlapping the occluded object by IoU 0.6 (24 of 40 columns) counts at 0.5, not 0.75.
+    part, bpart, _ = _square_rle(h, w, 40, 40, 40)
+    part_mask = mask_util.decode({"size": [h, w], "counts": part}).copy(order="F")
+    part_mask[:, 64:] = 0
+    prle = mask_util.encode(np.asfortranarray(part_mask))
+    m = coco_metrics(truth, [det(prle["counts"].decode(), [float(v) for v in mask_util.toBbox(prle)])], "segm")
+    assert (m["occluded"]["recall50"], m["occluded"]["recall75"]) == (1.0, 0.0)
     # Truth without the fields (any COCO file): no subsets, the rest unchanged.
     for a in truth["annotations"]:
         del a["occluded_fraction"], a["cut_fraction"]
