@@ -203,14 +203,15 @@ def actor_threads(compute: ComputeSpec, one_node_cpus: int | None) -> int:
     """Torch threads per predict actor: `threads_per_actor`, else `cpus_per_actor` rounded.
 
     On a one-node Ray (`one_node_cpus` = its CPUs) a CPU-only pool of fixed size shares the node's
-    cores instead: a 1-CPU reservation must not leave a laptop's other cores idle while the model runs
-    (load and write tasks are short and interleave with it).
+    cores but one instead: a 1-CPU reservation must not leave a laptop's other cores idle while the
+    model runs, and the core left over runs load and write tasks. (Measured on 2 cores, LRASPP 512²:
+    a 2-thread actor competing with loaders made 8.5 images/s, a 1-thread actor 11.9.)
     """
     if compute.threads_per_actor:
         return compute.threads_per_actor
     base = max(1, round(compute.cpus_per_actor))
     if one_node_cpus and compute.gpus_per_actor == 0 and isinstance(compute.actors, int):
-        return max(base, one_node_cpus // compute.actors)
+        return max(base, (one_node_cpus - 1) // compute.actors)
     return base
 
 
@@ -268,7 +269,7 @@ def build_dataset(spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWe
     )
     ds = ds.map_batches(
         write_batch,
-        batch_size=None,  # whole blocks as they come: rows reach the committer without waiting for others
+        batch_size=c.load_batch_size,  # bundles small predict blocks (batch_size 1 makes 1-row blocks): fewer tasks
         num_cpus=0.25,
         fn_kwargs={
             "output_uri": spec.output.uri,

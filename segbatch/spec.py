@@ -210,8 +210,8 @@ class ComputeSpec(_Strict):
     threads_per_actor: PositiveInt | None = Field(
         default=None,
         description="Torch threads in each predict actor. Default: `cpus_per_actor` (rounded), except for a "
-        "CPU-only job with a fixed number of actors on a one-node Ray (a laptop): there the node's cores are "
-        "shared among the actors, since loads and writes are short and interleave with the model.",
+        "CPU-only job with a fixed number of actors on a one-node Ray (a laptop): there the node's cores but one are "
+        "shared among the actors, and the one left runs load and write tasks.",
     )
     cpus_per_loader: PositiveFloat = Field(default=1.0, description="CPUs each load (fetch + decode) task reserves.")
     memory_per_loader: PositiveInt = Field(

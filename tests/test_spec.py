@@ -139,8 +139,9 @@ def test_actor_threads_share_a_laptop_and_respect_reservations_on_clusters() -> 
     from segbatch.pipeline import actor_threads
     from segbatch.spec import ComputeSpec
 
-    assert actor_threads(ComputeSpec(), one_node_cpus=8) == 8  # laptop, one CPU actor: all cores
-    assert actor_threads(ComputeSpec(actors=2), one_node_cpus=8) == 4
+    assert actor_threads(ComputeSpec(), one_node_cpus=8) == 7  # laptop, one CPU actor: all cores but one
+    assert actor_threads(ComputeSpec(), one_node_cpus=2) == 1
+    assert actor_threads(ComputeSpec(actors=2), one_node_cpus=9) == 4
     assert actor_threads(ComputeSpec(actors=2, cpus_per_actor=6), one_node_cpus=8) == 6  # never below the reservation
     assert actor_threads(ComputeSpec(), one_node_cpus=None) == 1  # a multi-node cluster: the reservation
     assert actor_threads(ComputeSpec(cpus_per_actor=3.6), one_node_cpus=None) == 4
