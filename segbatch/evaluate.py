@@ -175,17 +175,14 @@ def coco_metrics(truth: dict[str, Any], detections: list[dict[str, Any]], iou_ty
     out["APtiny"], out["AP50tiny"] = _mean_precision(ev, area=len(ev.params.areaRng) - 1)
     for subset, field in _SUBSETS.items():
         out[subset] = _subset_metrics(gt, dt, iou_type, field)
-    # precision[T, R, K, A, M]: IoU thresholds, recall points, classes, area ranges, max dets.
-    precision = ev.eval["precision"]
     per_class: dict[str, Any] = {}
     for ki, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, ki, 0, -1]
-        p50 = precision[0, :, ki, 0, -1]
+        ap, ap50 = _mean_precision(ev, klass=ki)
         name = gt.cats[cat_id].get("name", str(cat_id))
         per_class[name] = {
             "id": int(cat_id),
-            "AP": float(p[p > -1].mean()) if (p > -1).any() else None,
-            "AP50": float(p50[p50 > -1].mean()) if (p50 > -1).any() else None,
+            "AP": ap,
+            "AP50": ap50,
             "objects": int(len(gt.getAnnIds(catIds=[cat_id], iscrowd=False))),
         }
     out["per_class"] = per_class

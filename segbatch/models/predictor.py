@@ -37,6 +37,12 @@ def _object_array(values: list[Any]) -> np.ndarray:
     return out
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception's first message line (error rows stay one line)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def pick_device() -> torch.device:
     """CUDA when this process was given a GPU (Ray sets CUDA_VISIBLE_DEVICES), else CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -277,8 +283,7 @@ class Predictor:
                 good.append(i)
             except Exception as e:  # noqa: BLE001 - one file's failure is data
                 status[i], error_class[i] = "error", "truncated"
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                error[i] = f"{batch['uri'][i]}: JPEG image data is truncated or corrupt (decoded on {self.device}): {msg}"[:500]
+                error[i] = f"{batch['uri'][i]}: JPEG image data is truncated or corrupt (decoded on {self.device}): {_first_line(e)}"[:500]
         return good, (torch.stack(tensors) if tensors else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -317,8 +322,7 @@ class Predictor:
                             results[i] = self._run_group(images[j : j + 1])[0]
                         except Exception as e:  # noqa: BLE001 - one image's failure is data
                             status[i], error_class[i] = "error", "model_failed"
-                            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                            error[i] = f"{batch['uri'][i]}: model failed: {type(e).__name__}: {msg}"[:500]
+                            error[i] = f"{batch['uri'][i]}: model failed: {type(e).__name__}: {_first_line(e)}"[:500]
         out = {k: v for k, v in batch.items() if k not in ("image", "jpeg", "orientation")}
         out["status"] = np.asarray(status, dtype=object)
         out["error_class"] = np.asarray(error_class, dtype=object)
