@@ -15,20 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from segbatch.load import Loader, decode_image, inspect_jpeg
+from segbatch.load import _ORIENTATION, Loader, decode_image, inspect_jpeg
 from segbatch.models import resolve_weights
 from segbatch.models.predictor import Predictor, decode_jpegs, orient_chw
 from segbatch.spec import ModelSpec
 
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 
 
 def _jpeg(array: np.ndarray, orientation: int = 1, mode: str | None = None) -> bytes:
@@ -51,9 +42,10 @@ def _scene(h: int, w: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_orientation_matches_pillow(orientation: int) -> None:
+def test_orientation_matches_the_loaders(orientation: int) -> None:
+    # The loader orients with Pillow transposes (segbatch.load._ORIENTATION); the device path must agree.
     array = _scene(5, 7, orientation)
-    expected = np.asarray(Image.fromarray(array).transpose(_TRANSPOSE[orientation])) if orientation > 1 else array
+    expected = np.asarray(Image.fromarray(array).transpose(_ORIENTATION[orientation])) if orientation > 1 else array
     got = orient_chw(torch.from_numpy(array).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
     assert np.array_equal(got, expected)
 
