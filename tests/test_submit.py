@@ -4,6 +4,12 @@ The multi-node tests start their own two-node Ray cluster (`ray.cluster_utils.Cl
 without GPUs and a worker with one logical GPU, dashboard on 127.0.0.1 at a free port, token
 authentication on, and a private RAY_TMPDIR so no other Ray user on this machine can find it (and
 `ray.init()` elsewhere never connects to it). Only the processes it started are stopped.
+
+Every node gets its own temp dir, as every machine of a real cluster has its own disk. Sharing one
+would share the runtime_env folder: a node added mid-job re-extracts the job's working_dir there
+(Ray's agent deletes and unpacks it again), pulling the current directory out from under the
+running actors of the other node (seen in CI: an actor importing torch died with "oneMKL FATAL
+ERROR: Cannot load libtorch_cpu.so").
 """
 
 from __future__ import annotations
@@ -139,8 +145,13 @@ def test_auth_headers_follow_rays_token_sources(tmp_path: Path, monkeypatch: pyt
 
 
 class _TestCluster:
-    def __init__(self, cluster: Any, worker: Any, url: str) -> None:
-        self.cluster, self.worker, self.url = cluster, worker, url
+    def __init__(self, cluster: Any, worker: Any, url: str, tmp: str) -> None:
+        self.cluster, self.worker, self.url, self.tmp = cluster, worker, url, tmp
+
+
+def _node_temp_dir(cluster_tmp: str) -> str:
+    """A node's own temp dir, inside the cluster's (short: Ray puts unix sockets under it)."""
+    return tempfile.mkdtemp(prefix="n", dir=cluster_tmp)
 
 
 def _ensure_default_token() -> None:
@@ -179,10 +190,10 @@ def ray_cluster() -> Iterator[_TestCluster]:
             },
         )
         try:
-            worker = cluster.add_node(num_cpus=2, num_gpus=1)
+            worker = cluster.add_node(num_cpus=2, num_gpus=1, temp_dir=_node_temp_dir(tmp))
             url = f"http://127.0.0.1:{port}"
             _wait_for_jobs_api(url)
-            yield _TestCluster(cluster, worker, url)
+            yield _TestCluster(cluster, worker, url, tmp)
         finally:
             cluster.shutdown()
             shutil.rmtree(tmp, ignore_errors=True)
@@ -303,9 +314,11 @@ def test_failed_job_exits_1_with_wait(ray_cluster: _TestCluster, tmp_path: Path)
 
 def test_gpu_node_added_mid_job_gets_predict_actors(ray_cluster: _TestCluster, tmp_path: Path) -> None:
     images = tmp_path / "images"
-    write_scene_folder(images, count=32, seed=2)
+    write_scene_folder(images, count=64, seed=2)
     # Cheap, parallel loads and a model made slow by upsampling (resize 640): the predict stage is the
     # bottleneck, so Ray Data wants a second actor, which can only start once a second GPU exists.
+    # 64 images keep one actor busy for ~35 s here; the added node needs ~15 s to start a worker that
+    # has imported torch and built the model (with 32 images the job sometimes ended first).
     job = _write_job(
         tmp_path / "grow.yaml",
         images,
@@ -329,13 +342,13 @@ def test_gpu_node_added_mid_job_gets_predict_actors(ray_cluster: _TestCluster, t
         status = str(client.get_job_status(sid).value)
         assert status in ("PENDING", "RUNNING"), client.get_job_logs(sid)[-4000:]
         time.sleep(0.5)
-    new_node = ray_cluster.cluster.add_node(num_cpus=1, num_gpus=1)
+    new_node = ray_cluster.cluster.add_node(num_cpus=1, num_gpus=1, temp_dir=_node_temp_dir(ray_cluster.tmp))
     try:
         status = submit.follow_job(client, sid, io.StringIO())
         logs = client.get_job_logs(sid)
         assert status == "SUCCEEDED", logs[-4000:]
         nodes = {a.node_id for a in _actors(ray_cluster.url, sid)}
         assert new_node.node_id in nodes, f"no predict actor on the added GPU node (actors on {nodes})\n{logs[-4000:]}"
-        assert len(_rows(tmp_path / "out")) == 32
+        assert len(_rows(tmp_path / "out")) == 64
     finally:
         ray_cluster.cluster.remove_node(new_node)
