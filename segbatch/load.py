@@ -35,6 +35,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -290,7 +291,8 @@ class Loader:
     """Ray Data stage: a batch of work items → the same rows plus `image` (RGB uint8) or an error.
 
     Output columns added: `image` (HxWx3 uint8; empty for errors), `width`, `height`, `status`,
-    `error_class`, `error`, `retries` (int32: retries spent fetching the item; later stages add theirs).
+    `error_class`, `error`, `retries` (int32: retries spent fetching the item; later stages add theirs),
+    `load_seconds` (float32: this call's wall time per item).
     With `jpeg_decode="device"` also `jpeg` (the file's bytes, for JPEGs :func:`inspect_jpeg` accepts,
     whose `image` is then left empty for the actor to decode; else b"") and `orientation` (EXIF).
     """
@@ -343,6 +345,7 @@ class Loader:
             return list(pool.map(one, uris))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        started = time.perf_counter()
         uris = [str(u) for u in batch["uri"]]
         sizes = [int(s) for s in batch["size"]]
         plan_errors = [str(e) if e else "" for e in batch["plan_error"]] if "plan_error" in batch else [""] * len(uris)
@@ -398,6 +401,8 @@ class Loader:
         if self.jpeg_decode == "device":
             out["jpeg"] = np.asarray(jpegs, dtype=object)
             out["orientation"] = orientations
+        # This call's seconds per item: the CPU actor weighs its model against it (models/threads.py).
+        out["load_seconds"] = np.full(len(uris), (time.perf_counter() - started) / max(len(uris), 1), dtype=np.float32)
         return out
 
 

@@ -199,20 +199,22 @@ def _supersede(spec: JobSpec, run_id: str) -> None:
     logger.warning("--force: earlier results moved to %s/superseded/%s/", spec.output.uri.rstrip("/"), run_id)
 
 
-def actor_threads(compute: ComputeSpec, one_node_cpus: int | None) -> int:
-    """Torch threads per predict actor: `threads_per_actor`, else `cpus_per_actor` rounded.
+def actor_threads(compute: ComputeSpec, one_node_cpus: int | None) -> tuple[int, int]:
+    """Torch threads per predict actor: (to start with, the most it may move to).
 
-    On a one-node Ray (`one_node_cpus` = its CPUs) a CPU-only pool of fixed size shares the node's
-    cores but one instead: a 1-CPU reservation must not leave a laptop's other cores idle while the
-    model runs, and the core left over runs load and write tasks. (Measured on 2 cores, LRASPP 512²:
-    a 2-thread actor competing with loaders made 8.5 images/s, a 1-thread actor 11.9.)
+    `threads_per_actor` when set, else `cpus_per_actor` rounded, both fixed. On a one-node Ray
+    (`one_node_cpus` = its CPUs) a CPU-only pool of fixed size shares the node's cores instead: a
+    1-CPU reservation must not leave a laptop's other cores idle. It starts with the cores but one,
+    which leaves one to load and write, and may move to all of them once the model proves heavy
+    (:mod:`segbatch.models.threads`: right for LRASPP on 2 cores, wrong for Mask R-CNN).
     """
     if compute.threads_per_actor:
-        return compute.threads_per_actor
+        return compute.threads_per_actor, compute.threads_per_actor
     base = max(1, round(compute.cpus_per_actor))
     if one_node_cpus and compute.gpus_per_actor == 0 and isinstance(compute.actors, int):
-        return max(base, (one_node_cpus - 1) // compute.actors)
-    return base
+        start = max(base, (one_node_cpus - 1) // compute.actors)
+        return start, max(start, one_node_cpus // compute.actors)
+    return base, base
 
 
 def _one_node_cpus() -> int | None:
@@ -224,7 +226,9 @@ def _one_node_cpus() -> int | None:
     return int(alive[0]["Resources"].get("CPU", 0)) or None
 
 
-def build_dataset(spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWeights, threads: int = 1) -> Any:
+def build_dataset(
+    spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWeights, threads: int = 1, most_threads: int | None = None
+) -> Any:
     """The Ray Data plan: from_items → load (tasks) → predict (actor pool) → write (tasks)."""
     import ray
 
@@ -265,6 +269,7 @@ def build_dataset(spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWe
                 "instance_png": spec.output.instance_png,
             },
             "num_threads": threads,
+            "max_threads": most_threads if most_threads and most_threads > threads else None,
         },
     )
     ds = ds.map_batches(
@@ -332,9 +337,10 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
         started_ray = _ensure_ray(spec)
         try:
             _check_resources(spec, started_ray)
-            threads = actor_threads(spec.compute, _one_node_cpus())
-            logger.info("predict actors: %s, %d torch threads each", spec.compute.actors, threads)
-            ds = build_dataset(spec, item_rows(items), weights, threads)
+            threads, most = actor_threads(spec.compute, _one_node_cpus())
+            more = f" (up to {most} if the model outweighs the loaders)" if most > threads else ""
+            logger.info("predict actors: %s, %d torch threads each%s", spec.compute.actors, threads, more)
+            ds = build_dataset(spec, item_rows(items), weights, threads, most)
             arrivals: list[tuple[float, int]] = []  # (time, rows so far): for the steady-state rate
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 arrivals.append((time.time(), (arrivals[-1][1] if arrivals else 0) + len(batch["item_id"])))

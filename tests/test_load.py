@@ -425,11 +425,14 @@ def test_loader_same_shapes_stay_an_object_array(tmp_path: Path) -> None:
     png = _save(Image.new("RGB", (3, 2)), "PNG")
     out = Loader()(_rows(tmp_path, {"a.png": png, "b.png": png}))
     assert out["image"].dtype == object and out["image"].shape == (2,)
+    # The call's wall time per item, for the CPU actor's thread choice; equal for every row of a call.
+    assert out["load_seconds"].dtype == np.float32 and out["load_seconds"].shape == (2,)
+    assert out["load_seconds"][0] == out["load_seconds"][1] > 0
 
 
 def test_loader_empty_batch() -> None:
     out = Loader()({"uri": np.asarray([], dtype=object), "size": np.asarray([], dtype=np.int64)})
-    assert out["image"].shape == (0,) and out["status"].tolist() == []
+    assert out["image"].shape == (0,) and out["status"].tolist() == [] and out["load_seconds"].shape == (0,)
 
 
 def test_listed_size_over_max_bytes_is_refused_before_fetching(tmp_path: Path) -> None:

@@ -139,12 +139,14 @@ def test_actor_threads_share_a_laptop_and_respect_reservations_on_clusters() -> 
     from segbatch.pipeline import actor_threads
     from segbatch.spec import ComputeSpec
 
-    assert actor_threads(ComputeSpec(), one_node_cpus=8) == 7  # laptop, one CPU actor: all cores but one
-    assert actor_threads(ComputeSpec(), one_node_cpus=2) == 1
-    assert actor_threads(ComputeSpec(actors=2), one_node_cpus=9) == 4
-    assert actor_threads(ComputeSpec(actors=2, cpus_per_actor=6), one_node_cpus=8) == 6  # never below the reservation
-    assert actor_threads(ComputeSpec(), one_node_cpus=None) == 1  # a multi-node cluster: the reservation
-    assert actor_threads(ComputeSpec(cpus_per_actor=3.6), one_node_cpus=None) == 4
-    assert actor_threads(ComputeSpec(gpus_per_actor=1, cpus_per_actor=2), one_node_cpus=16) == 2  # GPU actor
-    assert actor_threads(ComputeSpec(actors=(1, 4)), one_node_cpus=8) == 1  # autoscaling pool: the reservation
-    assert actor_threads(ComputeSpec(threads_per_actor=3), one_node_cpus=8) == 3
+    # (threads to start with, the most an actor may move to once its model proves heavy)
+    assert actor_threads(ComputeSpec(), one_node_cpus=8) == (7, 8)  # laptop, one CPU actor: all cores but one
+    assert actor_threads(ComputeSpec(), one_node_cpus=2) == (1, 2)
+    assert actor_threads(ComputeSpec(actors=2), one_node_cpus=9) == (4, 4)
+    assert actor_threads(ComputeSpec(actors=2), one_node_cpus=8) == (3, 4)
+    assert actor_threads(ComputeSpec(actors=2, cpus_per_actor=6), one_node_cpus=8) == (6, 6)  # never below the reservation
+    assert actor_threads(ComputeSpec(), one_node_cpus=None) == (1, 1)  # a multi-node cluster: the reservation
+    assert actor_threads(ComputeSpec(cpus_per_actor=3.6), one_node_cpus=None) == (4, 4)
+    assert actor_threads(ComputeSpec(gpus_per_actor=1, cpus_per_actor=2), one_node_cpus=16) == (2, 2)  # GPU actor
+    assert actor_threads(ComputeSpec(actors=(1, 4)), one_node_cpus=8) == (1, 1)  # autoscaling pool: the reservation
+    assert actor_threads(ComputeSpec(threads_per_actor=3), one_node_cpus=8) == (3, 3)  # set by hand: fixed

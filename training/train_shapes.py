@@ -201,6 +201,13 @@ def train(task: str, args: argparse.Namespace, device: torch.device) -> tuple[to
         model.roi_heads.fg_bg_sampler.batch_size_per_image = args.roi_samples
         sampling = (f"; RPN pre/post-NMS proposals in training {args.rpn_pre_nms}/{args.rpn_post_nms}, "
                     f"{args.roi_samples} RoI samples per image")
+    eval_min_size = None
+    if task == "instance" and args.train_min_sizes and hasattr(model, "transform"):
+        # torchvision's transform picks one of `min_size` at random per image in training and uses the
+        # last in eval, so the arch's own size is put back before saving.
+        eval_min_size = model.transform.min_size
+        model.transform.min_size = tuple(args.train_min_sizes)
+        sampling += f"; short side resized to one of {list(args.train_min_sizes)} px at random"
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
     max_steps = args.steps or 10**9
@@ -245,6 +252,8 @@ def train(task: str, args: argparse.Namespace, device: torch.device) -> tuple[to
             log(f"{task} step {step}: loss {avg:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{(time.monotonic() - start) / step:.2f} s/step {extra}")
     wall = time.monotonic() - start
+    if eval_min_size is not None:
+        model.transform.min_size = eval_min_size
     model.eval()
     stats = {
         "task": task,
@@ -408,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rpn-pre-nms", type=int, default=1000, help="instance: RPN proposals before NMS in training")
     p.add_argument("--rpn-post-nms", type=int, default=500, help="instance: RPN proposals kept after NMS in training")
     p.add_argument("--roi-samples", type=int, default=128, help="instance: RoIs sampled per image in training")
+    p.add_argument("--train-min-sizes", type=int, nargs="+", default=None, metavar="PX",
+                   help="instance: resize each training image's short side to one of these, at random "
+                   "(scale augmentation; inference keeps the arch's own size)")
     p.add_argument("--crop", type=int, default=160, help="semantic: train on random CROPxCROP windows (0: whole images)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-3 semantic, 1e-3 instance)")
     p.add_argument("--seed-start", type=int, default=0, help="first training scene seed (inside [0, 10_000_000))")

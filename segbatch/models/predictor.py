@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import defaultdict
 from contextlib import nullcontext
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 from pycocotools import mask as mask_util
 
 from segbatch.models.weights import IMAGENET_MEAN, IMAGENET_STD, ResolvedWeights, apply_weights, load_state_dict_bytes
+from segbatch.models.threads import ThreadTuner
 from segbatch.models.zoo import build_model, configure_detector, seeded_init
 
 __all__ = ["EMPTY_LABELS", "Predictor", "decode_jpegs", "instances_from_output", "orient_chw"]
@@ -35,6 +37,17 @@ def _object_array(values: list[Any]) -> np.ndarray:
     for i, v in enumerate(values):
         out[i] = v
     return out
+
+
+def _log_to_stderr_in_workers() -> None:
+    """A Ray worker has no logging handlers, so the actor's INFO lines (its thread choice) would vanish;
+    stderr reaches the driver's console through Ray's log forwarding."""
+    package = logging.getLogger("segbatch")
+    if not package.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
 
 
 def _first_line(e: BaseException) -> str:
@@ -151,10 +164,15 @@ class Predictor:
         weights: resolved weights (or an ObjectRef to them), from :func:`resolve_weights`.
         options: `batch_size`, `score_threshold`, `mask_threshold`, `max_detections`, `precision`,
             `instance_png`.
-        num_threads: torch intra-op threads: the CPUs this actor reserved.
+        num_threads: torch intra-op threads to start with.
+        max_threads: On a CPU, the threads it may move to once its first batches show the model
+            outweighs the loaders (:class:`segbatch.models.threads.ThreadTuner`); None keeps
+            `num_threads`.
     """
 
-    def __init__(self, task: str, weights: Any, options: dict[str, Any], num_threads: int = 1) -> None:
+    def __init__(
+        self, task: str, weights: Any, options: dict[str, Any], num_threads: int = 1, max_threads: int | None = None
+    ) -> None:
         try:
             import ray
 
@@ -163,6 +181,7 @@ class Predictor:
         except ImportError:  # pragma: no cover - ray is a hard dependency; kept for Ray-less unit use
             pass
         rw: ResolvedWeights = weights
+        _log_to_stderr_in_workers()
         torch.set_num_threads(max(1, int(num_threads)))
         self.task = task
         self.options = options
@@ -184,6 +203,11 @@ class Predictor:
                 std=rw.std,
             )
         self.model = model.to(self.device).eval()
+        self.tuner = (
+            ThreadTuner(threads=torch.get_num_threads(), most=int(max_threads))
+            if max_threads and self.device.type == "cpu"
+            else None
+        )
         self.channels_last = self.device.type == "cuda" and task == "semantic"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -287,6 +311,17 @@ class Predictor:
         return good, (torch.stack(tensors) if tensors else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        started = time.perf_counter()
+        out = self._predict_batch(batch)
+        if self.tuner is not None and not self.tuner.decided and "load_seconds" in batch:
+            ok = [i for i, s in enumerate(batch["status"]) if s == "ok"]
+            load_s = float(sum(batch["load_seconds"][i] for i in ok))
+            more = self.tuner.observe(len(ok), time.perf_counter() - started, load_s)
+            if more:
+                torch.set_num_threads(more)
+        return out
+
+    def _predict_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["item_id"])
         status = [str(s) for s in batch["status"]]
         error_class = [str(s) for s in batch["error_class"]]
@@ -323,7 +358,7 @@ class Predictor:
                         except Exception as e:  # noqa: BLE001 - one image's failure is data
                             status[i], error_class[i] = "error", "model_failed"
                             error[i] = f"{batch['uri'][i]}: model failed: {type(e).__name__}: {_first_line(e)}"[:500]
-        out = {k: v for k, v in batch.items() if k not in ("image", "jpeg", "orientation")}
+        out = {k: v for k, v in batch.items() if k not in ("image", "jpeg", "orientation", "load_seconds")}
         out["status"] = np.asarray(status, dtype=object)
         out["error_class"] = np.asarray(error_class, dtype=object)
         out["error"] = np.asarray(error, dtype=object)

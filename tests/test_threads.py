@@ -1,0 +1,93 @@
+"""A CPU predict actor moves to all cores only when its model outweighs the loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segbatch.models import Predictor, resolve_weights
+from segbatch.models.threads import ThreadTuner
+from segbatch.spec import ModelSpec
+from tests.conftest import save_checkpoint
+from tests.test_models import ARCH, _batch, lraspp
+
+
+def test_heavy_model_moves_to_all_cores_after_warmup_and_measurement() -> None:
+    tuner = ThreadTuner(threads=1, most=2)
+    # Mask R-CNN-like: 10 s/image of model, 10 ms/image of loading.
+    assert tuner.observe(4, 40.0, 0.04) is None  # warm-up, not timed
+    assert tuner.observe(4, 40.0, 0.04) == 2  # 40 s of model time is evidence enough: no third batch
+    assert tuner.decided and "moving to 2 torch threads (all cores)" in tuner.history[-1]
+    assert tuner.observe(4, 40.0, 0.04) is None  # decides once
+
+
+def test_a_cheap_model_is_timed_over_several_batches() -> None:
+    tuner = ThreadTuner(threads=1, most=2)
+    assert [tuner.observe(1, 0.5, 0.0) for _ in range(3)] == [None, None, None]
+    assert tuner.observe(1, 0.5, 0.0) == 2  # warm-up + 3 timed batches (1.5 s < enough_seconds)
+
+
+def test_light_model_keeps_a_core_for_the_loaders() -> None:
+    tuner = ThreadTuner(threads=1, most=2)
+    # LRASPP-like: 76 ms/image of model, 12 ms/image of loading (x2 with the write: 32% > 10%).
+    results = [tuner.observe(1, 0.076, 0.012) for _ in range(6)]
+    assert results == [None] * 6
+    assert tuner.decided and "keeping 1 torch thread(s) (a core left for loads and writes)" in tuner.history[-1]
+
+
+def test_warmup_batch_and_error_only_batches_are_not_counted() -> None:
+    tuner = ThreadTuner(threads=1, most=2, measure=2)
+    assert tuner.observe(1, 500.0, 0.0) is None  # a slow first call (allocation) would look heavy
+    assert tuner.observe(0, 0.0, 0.0) is None  # only error rows: nothing to learn
+    assert tuner.observe(1, 0.05, 0.01) is None
+    assert tuner.observe(1, 0.05, 0.01) is None
+    assert tuner.decided and "model 0.050 s/image" in tuner.history[-1]
+
+
+def test_nothing_to_gain_decides_at_once() -> None:
+    tuner = ThreadTuner(threads=2, most=2)
+    assert tuner.decided
+    assert [tuner.observe(1, 100.0, 0.0) for _ in range(5)] == [None] * 5
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _loaded(images: list[np.ndarray], load_seconds: float) -> dict[str, np.ndarray]:
+    batch = _batch(images)
+    batch["load_seconds"] = np.full(len(images), load_seconds, dtype=np.float32)
+    return batch
+
+
+@pytest.mark.parametrize(("load_seconds", "threads_after"), [(0.0, 2), (30.0, 1)])
+def test_predictor_sets_torch_threads_from_what_it_measured(
+    tmp_path: Path, restore_threads: None, load_seconds: float, threads_after: int
+) -> None:
+    ckpt = save_checkpoint(lraspp(), tmp_path / "m.pt")
+    rw = resolve_weights(ModelSpec(task="semantic", arch=ARCH, weights=str(ckpt), num_classes=4))
+    predictor = Predictor("semantic", rw, {"batch_size": 2}, num_threads=1, max_threads=2)
+    image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    for _ in range(4):
+        out = predictor(_loaded([image, image], load_seconds))
+        assert "load_seconds" not in out  # consumed by the actor, never written
+        assert [str(s) for s in out["status"]] == ["ok", "ok"]
+    assert predictor.tuner is not None and predictor.tuner.decided
+    assert torch.get_num_threads() == threads_after
+
+
+def test_predictor_without_max_threads_never_tunes(tmp_path: Path, restore_threads: None) -> None:
+    ckpt = save_checkpoint(lraspp(), tmp_path / "m.pt")
+    rw = resolve_weights(ModelSpec(task="semantic", arch=ARCH, weights=str(ckpt), num_classes=4))
+    predictor = Predictor("semantic", rw, {"batch_size": 2}, num_threads=1)
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    for _ in range(5):
+        predictor(_loaded([image], 0.0))
+    assert predictor.tuner is None and torch.get_num_threads() == 1
