@@ -69,7 +69,7 @@ def naive_loop(pred: Predictor, paths: list[Path], out: Path) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def _segbatch_run(args: argparse.Namespace, images: Path, work: Path) -> tuple[dict, int]:
+def _segbatch_run(args: argparse.Namespace, images: Path, work: Path) -> tuple[dict, int, str | None]:
     out = work / f"e2e-out-{images.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # fresh: a rerun would skip all
     job = {
         "name": "bench",
@@ -89,20 +89,23 @@ def _segbatch_run(args: argparse.Namespace, images: Path, work: Path) -> tuple[d
     }
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(job))
-    _, peak = run_measured([str(BIN / "segbatch"), "run", str(path), *sum((["--set", s] for s in args.set), [])])
-    return json.loads(next((out / "runs").glob("*.json")).read_text()), peak
+    done, peak = run_measured([str(BIN / "segbatch"), "run", str(path), *sum((["--set", s] for s in args.set), [])])
+    # A CPU actor on one node logs how many torch threads it settled on (segbatch/models/threads.py).
+    lines = (done.stdout + done.stderr).splitlines()
+    choice = next((line.split("predict actor: ", 1)[1].strip() for line in lines if "predict actor: " in line), None)
+    return json.loads(next((out / "runs").glob("*.json")).read_text()), peak, choice
 
 
-def end_to_end(args: argparse.Namespace, small: Path, large: Path, work: Path) -> tuple[float, int, dict]:
+def end_to_end(args: argparse.Namespace, small: Path, large: Path, work: Path) -> tuple[float, int, dict, str | None]:
     """Steady-state images/s from two dataset sizes: the extra images over the extra time.
 
     Both runs pay the same start-up (Ray, actors, model load), so it cancels in the difference.
     """
-    first, _ = _segbatch_run(args, small, work)
-    second, peak = _segbatch_run(args, large, work)
+    first, _, _ = _segbatch_run(args, small, work)
+    second, peak, choice = _segbatch_run(args, large, work)
     extra_images = second["counts"]["ok"] - first["counts"]["ok"]
     extra_seconds = second["timing"]["stream_seconds"] - first["timing"]["stream_seconds"]
-    return extra_images / extra_seconds, peak, second
+    return extra_images / extra_seconds, peak, second, choice
 
 
 def ray_baseline(args: argparse.Namespace, small: Path, large: Path, work: Path) -> float:
@@ -154,7 +157,9 @@ def main() -> int:
     if not args.skip_baselines:
         figures["naive_loop_ips"] = naive_loop(pred, paths, work / "naive-out")
     del pred, decoded
-    e2e, peak, manifest = end_to_end(args, images, double, work)
+    e2e, peak, manifest, choice = end_to_end(args, images, double, work)
+    if choice:
+        figures["actor_threads"] = choice
     figures["end_to_end_ips"] = e2e
     figures["end_to_end_wall_ips"] = manifest["timing"]["images_per_second"]
     figures["end_to_end_manifest_steady_ips"] = manifest["timing"]["steady_images_per_second"]

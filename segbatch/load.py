@@ -292,7 +292,7 @@ class Loader:
 
     Output columns added: `image` (HxWx3 uint8; empty for errors), `width`, `height`, `status`,
     `error_class`, `error`, `retries` (int32: retries spent fetching the item; later stages add theirs),
-    `load_seconds` (float32: this call's wall time per item).
+    `load_seconds` (float32: this call's CPU time per item).
     With `jpeg_decode="device"` also `jpeg` (the file's bytes, for JPEGs :func:`inspect_jpeg` accepts,
     whose `image` is then left empty for the actor to decode; else b"") and `orientation` (EXIF).
     """
@@ -345,7 +345,7 @@ class Loader:
             return list(pool.map(one, uris))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        started = time.perf_counter()
+        started = time.process_time()
         uris = [str(u) for u in batch["uri"]]
         sizes = [int(s) for s in batch["size"]]
         plan_errors = [str(e) if e else "" for e in batch["plan_error"]] if "plan_error" in batch else [""] * len(uris)
@@ -401,8 +401,9 @@ class Loader:
         if self.jpeg_decode == "device":
             out["jpeg"] = np.asarray(jpegs, dtype=object)
             out["orientation"] = orientations
-        # This call's seconds per item: the CPU actor weighs its model against it (models/threads.py).
-        out["load_seconds"] = np.full(len(uris), (time.perf_counter() - started) / max(len(uris), 1), dtype=np.float32)
+        # This call's CPU seconds per item (all its threads; waiting on storage costs no CPU): the CPU
+        # actor weighs its model against it (models/threads.py).
+        out["load_seconds"] = np.full(len(uris), (time.process_time() - started) / max(len(uris), 1), dtype=np.float32)
         return out
 
 

@@ -425,7 +425,7 @@ def test_loader_same_shapes_stay_an_object_array(tmp_path: Path) -> None:
     png = _save(Image.new("RGB", (3, 2)), "PNG")
     out = Loader()(_rows(tmp_path, {"a.png": png, "b.png": png}))
     assert out["image"].dtype == object and out["image"].shape == (2,)
-    # The call's wall time per item, for the CPU actor's thread choice; equal for every row of a call.
+    # The call's CPU time per item, for the CPU actor's thread choice; equal for every row of a call.
     assert out["load_seconds"].dtype == np.float32 and out["load_seconds"].shape == (2,)
     assert out["load_seconds"][0] == out["load_seconds"][1] > 0
 
