@@ -21,7 +21,7 @@ def test_heavy_model_moves_to_all_cores_after_warmup_and_measurement() -> None:
     # Mask R-CNN-like: 10 s/image of model, 10 ms/image of loading.
     assert tuner.observe(4, 40.0, 0.04) is None  # warm-up, not timed
     assert tuner.observe(4, 40.0, 0.04) == 2  # 40 s of model time is evidence enough: no third batch
-    assert tuner.decided and "moving to 2 torch threads (all cores)" in tuner.history[-1]
+    assert tuner.decided and "moving to 2 torch threads (all cores)" in tuner.decision
     assert tuner.observe(4, 40.0, 0.04) is None  # decides once
 
 
@@ -36,7 +36,7 @@ def test_light_model_keeps_a_core_for_the_loaders() -> None:
     # LRASPP-like: 76 ms/image of model, 12 ms/image of loading (x2 with the write: 32% > 10%).
     results = [tuner.observe(1, 0.076, 0.012) for _ in range(6)]
     assert results == [None] * 6
-    assert tuner.decided and "keeping 1 torch thread(s) (a core left for loads and writes)" in tuner.history[-1]
+    assert tuner.decided and "keeping 1 torch thread(s) (a core left for loads and writes)" in tuner.decision
 
 
 def test_warmup_batch_and_error_only_batches_are_not_counted() -> None:
@@ -45,7 +45,7 @@ def test_warmup_batch_and_error_only_batches_are_not_counted() -> None:
     assert tuner.observe(0, 0.0, 0.0) is None  # only error rows: nothing to learn
     assert tuner.observe(1, 0.05, 0.01) is None
     assert tuner.observe(1, 0.05, 0.01) is None
-    assert tuner.decided and "model 0.050 s/image" in tuner.history[-1]
+    assert tuner.decided and "model 0.050 s/image" in tuner.decision
 
 
 def test_nothing_to_gain_decides_at_once() -> None:

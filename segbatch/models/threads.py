@@ -47,12 +47,12 @@ class ThreadTuner:
     warmup: int = 1
     measure: int = 3
     enough_seconds: float = 2.0
-    decided: bool = False
-    _seen: int = 0
-    _images: int = 0
-    _predict_s: float = 0.0
-    _load_s: float = 0.0
-    history: list[str] = field(default_factory=list)
+    decided: bool = field(default=False, init=False)
+    decision: str = field(default="", init=False)  # what was measured and chosen, as logged
+    _seen: int = field(default=0, init=False, repr=False)
+    _images: int = field(default=0, init=False, repr=False)
+    _predict_s: float = field(default=0.0, init=False, repr=False)
+    _load_s: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.decided = self.most <= self.threads
@@ -82,8 +82,8 @@ class ThreadTuner:
             if move
             else f"keeping {self.threads} torch thread(s) (a core left for loads and writes)"
         )
-        self.history.append(
+        self.decision = (
             f"model {model:.3f} s/image with {self.threads} torch thread(s), load+write ~{cpu_side:.3f} s/image: {verdict}"
         )
-        logger.info("predict actor: %s", self.history[-1])
+        logger.info("predict actor: %s", self.decision)
         return self.most if move else None
