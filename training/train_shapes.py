@@ -66,6 +66,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from segbatch.models.small import SEMANTIC_SCORE_THRESHOLD  # noqa: E402
 from segbatch.models.zoo import build_model  # noqa: E402
 from segbatch.synth import CLASSES, SIZE_RANGE, TRAIN_SEEDS, coco_annotations, coco_categories, make_scene, scene_from_seed  # noqa: E402
 
@@ -354,8 +355,8 @@ def derive_semantic(instance_path: Path, out: Path, val_count: int) -> Path:
         "task": "semantic",
         "arch": SEMANTIC_FROM_INSTANCE,
         "derived_from": {"file": instance_path.name, "sha256": hashlib.sha256(data).hexdigest()},
-        "method": "the instance model's detections (score >= 0.5) painted into a label map, most confident "
-        "detection on top (mask probability >= 0.5); background elsewhere. No training of its own.",
+        "method": f"the instance model's detections (score >= {SEMANTIC_SCORE_THRESHOLD}) painted into a label "
+        "map, most confident detection on top (mask probability >= 0.5); background elsewhere. No training of its own.",
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     }
     state = {f"detector.{k}": v for k, v in ckpt["state_dict"].items()}

@@ -152,7 +152,13 @@ class InstancesToLabels(nn.Module):
         return OrderedDict(out=out)
 
 
-def maskrcnn_small_semantic(num_classes: int = 4, score_threshold: float = 0.5) -> InstancesToLabels:
+# Detections below this score paint nothing in the semantic view: an unsure detection is more often
+# a wrong class or a false positive than a missed object (on 100 fresh scenes, seeds 30_000_000..,
+# mIoU 0.831 at 0.5, 0.835 at 0.6, 0.841 at 0.7 with the shipped weights).
+SEMANTIC_SCORE_THRESHOLD = 0.7
+
+
+def maskrcnn_small_semantic(num_classes: int = 4, score_threshold: float = SEMANTIC_SCORE_THRESHOLD) -> InstancesToLabels:
     """:func:`maskrcnn_small` as a semantic model (see :class:`InstancesToLabels`); its weights are the
     instance model's, under the `detector.` prefix."""
     return InstancesToLabels(maskrcnn_small(num_classes=num_classes), num_classes, score_threshold=score_threshold)
