@@ -212,7 +212,7 @@ class ComputeSpec(_Strict):
         description="Torch threads per predict actor, fixed. Default: `cpus_per_actor` (rounded), except for a "
         "CPU-only job with a fixed number of actors on a one-node Ray (a laptop): there each actor starts with its share "
         "of the node's cores but one (the one left runs load and write tasks) and moves to its share of all the cores "
-        "once its first batches show the model costs over 10x the loaders' work per image.",
+        "once its first batches show that loading and writing an image cost under 30% of the model's time.",
     )
     cpus_per_loader: PositiveFloat = Field(default=1.0, description="CPUs each load (fetch + decode) task reserves.")
     memory_per_loader: PositiveInt = Field(

@@ -33,10 +33,18 @@ def test_a_cheap_model_is_timed_over_several_batches() -> None:
 
 def test_light_model_keeps_a_core_for_the_loaders() -> None:
     tuner = ThreadTuner(threads=1, most=2)
-    # LRASPP-like: 76 ms/image of model, 12 ms/image of loading (x2 with the write: 32% > 10%).
-    results = [tuner.observe(1, 0.076, 0.012) for _ in range(6)]
+    # A small model behind a big decode: 20 ms/image of model, 10 ms/image of loading (x2 with the
+    # write: as much as the model, far over the 30% share).
+    results = [tuner.observe(1, 0.020, 0.010) for _ in range(6)]
     assert results == [None] * 6
     assert tuner.decided and "keeping 1 torch thread(s) (a core left for loads and writes)" in tuner.decision
+
+
+def test_share_is_the_boundary() -> None:
+    # 100 ms of model; 14 ms of loading counts as 28 ms with the write (under 30%), 16 ms as 32%.
+    under, over = ThreadTuner(threads=1, most=2, measure=1), ThreadTuner(threads=1, most=2, measure=1)
+    assert [under.observe(1, 0.1, 0.014) for _ in range(2)] == [None, 2]
+    assert [over.observe(1, 0.1, 0.016) for _ in range(2)] == [None, None] and over.decided
 
 
 def test_warmup_batch_and_error_only_batches_are_not_counted() -> None:

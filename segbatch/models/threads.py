@@ -6,14 +6,16 @@ layouts compete:
 - the actor takes all cores but one and the loaders run on the one left (no contention), or
 - the actor takes every core and the loaders squeeze in between its parallel regions.
 
-Which is faster depends on the model. When loading and writing an image cost a sizeable share of a
-forward pass, torch's worker threads stall whenever a loader takes one of their cores, and keeping a
-core free wins (measured on 2 cores, LRASPP 512²: 11.9 images/s with 1 thread against 8.5 with 2).
-When the model costs a hundred times more than the loaders, the free core mostly idles and all cores
-win (Mask R-CNN v2 640×480: 0.166 images/s with 2 threads against 0.097 with 1).
+Which is faster depends on how much CPU work an image needs outside the model. When loading and
+writing cost about as much as the forward pass, the loaders need a core of their own, and torch's
+threads stall whenever a loader takes one of theirs. When they cost a few percent, the free core mostly
+idles: on 2 cores a 1-thread actor caps LRASPP 512² at ~8.4 images/s (0.119 s per forward) while the
+model alone on both cores makes 14-17, and Mask R-CNN v2 640×480 runs at 0.097 images/s with 1 thread
+against 0.167 with 2 (`benchmarks/stages.py`: LRASPP's decode + encode + write are ~4% of its time).
 
-So the actor starts with the cores but one, times its first batches and the loaders' reported cost
-per image, and moves to all cores once, if the load and write work is below `share` of the model's.
+So the actor starts with the cores but one, times its first batches against the loaders' reported
+CPU time per image, and moves to all cores once unless loading and writing cost over `share` of the
+model's time.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class ThreadTuner:
 
     threads: int
     most: int
-    share: float = 0.1
+    share: float = 0.3
     warmup: int = 1
     measure: int = 3
     enough_seconds: float = 2.0
