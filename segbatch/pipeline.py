@@ -205,8 +205,8 @@ def actor_threads(compute: ComputeSpec, one_node_cpus: int | None) -> tuple[int,
     `threads_per_actor` when set, else `cpus_per_actor` rounded, both fixed. On a one-node Ray
     (`one_node_cpus` = its CPUs) a CPU-only pool of fixed size shares the node's cores instead: a
     1-CPU reservation must not leave a laptop's other cores idle. It starts with the cores but one,
-    which leaves one to load and write, and may move to all of them once the model proves heavy
-    (:mod:`segbatch.models.threads`: right for LRASPP on 2 cores, wrong for Mask R-CNN).
+    which leaves one to load and write, and may move to all of them once its first batches show that
+    loading and writing are a small share of the model's time (:mod:`segbatch.models.threads`).
     """
     if compute.threads_per_actor:
         return compute.threads_per_actor, compute.threads_per_actor
@@ -269,7 +269,7 @@ def build_dataset(
                 "instance_png": spec.output.instance_png,
             },
             "num_threads": threads,
-            "max_threads": most_threads if most_threads and most_threads > threads else None,
+            "max_threads": most_threads,  # the actor's tuner does nothing when it is not above `threads`
         },
     )
     ds = ds.map_batches(
