@@ -27,6 +27,7 @@ from segbatch import __version__
 from segbatch.errors import JobError
 from segbatch.load import load_batch
 from segbatch.models import Predictor, ResolvedWeights, resolve_weights
+from segbatch.models.threads import MAX_STREAMS
 from segbatch.plan import WorkItem, plan_items
 from segbatch.retry import call_with_retries
 from segbatch.sinks import Committer, manifest_uri, new_run_id, read_committed, rows_to_table, write_batch
@@ -199,6 +200,13 @@ def _supersede(spec: JobSpec, run_id: str) -> None:
     logger.warning("--force: earlier results moved to %s/superseded/%s/", spec.output.uri.rstrip("/"), run_id)
 
 
+def _shares_one_node(compute: ComputeSpec, one_node_cpus: int | None) -> bool:
+    """A CPU-only pool of fixed size on a one-node Ray, threads not fixed by hand: the actor lays out its own threads."""
+    return bool(
+        one_node_cpus and compute.gpus_per_actor == 0 and isinstance(compute.actors, int) and not compute.threads_per_actor
+    )
+
+
 def actor_threads(compute: ComputeSpec, one_node_cpus: int | None) -> tuple[int, int]:
     """Torch threads per predict actor: (to start with, the most it may move to).
 
@@ -211,10 +219,24 @@ def actor_threads(compute: ComputeSpec, one_node_cpus: int | None) -> tuple[int,
     if compute.threads_per_actor:
         return compute.threads_per_actor, compute.threads_per_actor
     base = max(1, round(compute.cpus_per_actor))
-    if one_node_cpus and compute.gpus_per_actor == 0 and isinstance(compute.actors, int):
+    if _shares_one_node(compute, one_node_cpus):
+        assert one_node_cpus and isinstance(compute.actors, int)
         start = max(base, (one_node_cpus - 1) // compute.actors)
         return start, max(start, one_node_cpus // compute.actors)
     return base, base
+
+
+def actor_streams(compute: ComputeSpec, one_node_cpus: int | None) -> int:
+    """Concurrent forward passes per predict actor (see :mod:`segbatch.models.threads`).
+
+    `streams_per_actor` when set; else one pass per thread (at most `MAX_STREAMS`) where the actor
+    picks its own threads, one pass elsewhere (a GPU, or threads the user fixed).
+    """
+    if compute.streams_per_actor:
+        return compute.streams_per_actor
+    if _shares_one_node(compute, one_node_cpus):
+        return min(actor_threads(compute, one_node_cpus)[1], MAX_STREAMS)
+    return 1
 
 
 def _one_node_cpus() -> int | None:
@@ -227,7 +249,12 @@ def _one_node_cpus() -> int | None:
 
 
 def build_dataset(
-    spec: JobSpec, rows: list[dict[str, Any]], weights: ResolvedWeights, threads: int = 1, most_threads: int | None = None
+    spec: JobSpec,
+    rows: list[dict[str, Any]],
+    weights: ResolvedWeights,
+    threads: int = 1,
+    most_threads: int | None = None,
+    streams: int = 1,
 ) -> Any:
     """The Ray Data plan: from_items → load (tasks) → predict (actor pool) → write (tasks)."""
     import ray
@@ -250,13 +277,19 @@ def build_dataset(
             "jpeg_decode": c.jpeg_decode,
         },
     )
-    actors = c.actors if isinstance(c.actors, int) else tuple(c.actors)
+    pool = (
+        {"size": c.actors} if isinstance(c.actors, int) else {"min_size": c.actors[0], "max_size": c.actors[1]}
+    )
     ds = ds.map_batches(
         Predictor,
         batch_size=m.batch_size,
         num_cpus=c.cpus_per_actor,
         num_gpus=c.gpus_per_actor,
-        concurrency=actors,
+        # Concurrent calls into one actor (one model in memory) are its streams; Ray Data runs them on
+        # real threads only when asked to (torch releases the GIL in its kernels).
+        compute=ray.data.ActorPoolStrategy(
+            **pool, max_concurrent_calls_per_actor=streams, enable_true_multi_threading=streams > 1
+        ),
         fn_constructor_kwargs={
             "task": m.task,
             "weights": ray.put(weights),
@@ -270,6 +303,7 @@ def build_dataset(
             },
             "num_threads": threads,
             "max_threads": most_threads,  # the actor's tuner does nothing when it is not above `threads`
+            "max_streams": streams,
         },
     )
     ds = ds.map_batches(
@@ -337,10 +371,13 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
         started_ray = _ensure_ray(spec)
         try:
             _check_resources(spec, started_ray)
-            threads, most = actor_threads(spec.compute, _one_node_cpus())
+            one_node = _one_node_cpus()
+            threads, most = actor_threads(spec.compute, one_node)
+            streams = actor_streams(spec.compute, one_node)
             more = f" (up to {most} if the model outweighs the loaders)" if most > threads else ""
-            logger.info("predict actors: %s, %d torch threads each%s", spec.compute.actors, threads, more)
-            ds = build_dataset(spec, item_rows(items), weights, threads, most)
+            split = f", split into up to {streams} concurrent forward passes" if streams > 1 else ""
+            logger.info("predict actors: %s, %d torch threads each%s%s", spec.compute.actors, threads, more, split)
+            ds = build_dataset(spec, item_rows(items), weights, threads, most, streams)
             arrivals: list[tuple[float, int]] = []  # (time, rows so far): for the steady-state rate
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 arrivals.append((time.time(), (arrivals[-1][1] if arrivals else 0) + len(batch["item_id"])))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -23,7 +24,7 @@ import torch
 from pycocotools import mask as mask_util
 
 from segbatch.models.weights import IMAGENET_MEAN, IMAGENET_STD, ResolvedWeights, apply_weights, load_state_dict_bytes
-from segbatch.models.threads import ThreadTuner
+from segbatch.models.threads import StreamGate, ThreadTuner, stream_threads
 from segbatch.models.zoo import build_model, configure_detector, seeded_init
 
 __all__ = ["EMPTY_LABELS", "Predictor", "decode_jpegs", "instances_from_output", "orient_chw"]
@@ -164,14 +165,22 @@ class Predictor:
         weights: resolved weights (or an ObjectRef to them), from :func:`resolve_weights`.
         options: `batch_size`, `score_threshold`, `mask_threshold`, `max_detections`, `precision`,
             `instance_png`.
-        num_threads: torch intra-op threads to start with.
+        num_threads: torch threads to start with (all streams together).
         max_threads: On a CPU, the threads it may move to once its first batches show the model
             outweighs the loaders (:class:`segbatch.models.threads.ThreadTuner`); None keeps
             `num_threads`.
+        max_streams: Concurrent forward passes the threads are split into (Ray Data must call the
+            actor from as many threads: `max_concurrent_calls_per_actor`); 1 runs one at a time.
     """
 
     def __init__(
-        self, task: str, weights: Any, options: dict[str, Any], num_threads: int = 1, max_threads: int | None = None
+        self,
+        task: str,
+        weights: Any,
+        options: dict[str, Any],
+        num_threads: int = 1,
+        max_threads: int | None = None,
+        max_streams: int = 1,
     ) -> None:
         try:
             import ray
@@ -203,11 +212,14 @@ class Predictor:
                 std=rw.std,
             )
         self.model = model.to(self.device).eval()
+        self.max_streams = max(1, int(max_streams))
+        self.gate = StreamGate(stream_threads(torch.get_num_threads(), self.max_streams))
         self.tuner = (
-            ThreadTuner(threads=torch.get_num_threads(), most=int(max_threads))
+            ThreadTuner(threads=torch.get_num_threads(), most=int(max_threads), max_streams=self.max_streams)
             if max_threads and self.device.type == "cpu"
             else None
         )
+        self._tuner_lock = threading.Lock()
         self.channels_last = self.device.type == "cuda" and task == "semantic"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -311,14 +323,19 @@ class Predictor:
         return good, (torch.stack(tensors) if tensors else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        started = time.perf_counter()
-        out = self._predict_batch(batch)
+        with self.gate.slot() as threads:
+            torch.set_num_threads(threads)  # per calling thread: each stream runs on its own share
+            streams = len(self.gate.threads)
+            started = time.perf_counter()
+            out = self._predict_batch(batch)
+            elapsed = time.perf_counter() - started
         if self.tuner is not None and not self.tuner.decided and "load_seconds" in batch:
             ok = [i for i, s in enumerate(batch["status"]) if s == "ok"]
             load_s = float(sum(batch["load_seconds"][i] for i in ok))
-            more = self.tuner.observe(len(ok), time.perf_counter() - started, load_s)
+            with self._tuner_lock:
+                more = self.tuner.observe(len(ok), elapsed / streams, load_s)
             if more:
-                torch.set_num_threads(more)
+                self.gate.resize(stream_threads(more, self.max_streams))
         return out
 
     def _predict_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
