@@ -1,7 +1,8 @@
 """The straightforward Ray Data version of the job, as Ray's batch-inference docs write it.
 
 `read_images` → `map_batches` with an actor pool running the model → `map_batches` saving PNGs. Prints
-one JSON line: images, steady-state images/s (after the first quarter of results, startup excluded), wall seconds.
+one JSON line: images, steady-state images/s (after the first quarter of results, startup excluded), wall
+seconds, and the seconds from start to the first and to the last results.
 Used by `pipeline_efficiency.py`; runnable alone.
 """
 
@@ -78,7 +79,9 @@ def main() -> int:
     end = time.time()
     ray.shutdown()
     total = arrivals[-1][1] if arrivals else 0
-    print(json.dumps({"images": total, "steady_ips": _steady_rate(arrivals), "wall_seconds": end - start}))
+    first, last = (arrivals[0][0] - start, arrivals[-1][0] - start) if arrivals else (0.0, 0.0)
+    print(json.dumps({"images": total, "steady_ips": _steady_rate(arrivals), "wall_seconds": end - start,
+                      "first_result_seconds": first, "last_result_seconds": last}))
     return 0
 
 

@@ -58,6 +58,8 @@ class RunResult:
     stream_seconds: float = 0.0
     images_per_second: float = 0.0
     steady_images_per_second: float = 0.0  # after the first quarter of results: startup excluded
+    first_result_seconds: float = 0.0  # stream start to the first result rows (Ray, actors, model load, fill)
+    last_result_seconds: float = 0.0  # stream start to the last result rows (before the final commit, shutdown)
     error_fraction: float = 0.0
     max_error_fraction: float = 0.0
     weights_sha256: str = ""
@@ -388,6 +390,9 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
                 if "retries" in batch:
                     result.retried += int(np.sum(batch["retries"]))
             result.steady_images_per_second = _steady_rate(arrivals)
+            if arrivals:
+                result.first_result_seconds = arrivals[0][0] - stream_start
+                result.last_result_seconds = arrivals[-1][0] - stream_start
         finally:
             committer.flush()  # also on failure: rows already finished are committed, not lost
             result.retried += committer.retries.count
@@ -437,6 +442,8 @@ def _write_manifest(
             "stream_seconds": round(result.stream_seconds, 3),
             "images_per_second": round(result.images_per_second, 3),
             "steady_images_per_second": round(result.steady_images_per_second, 3),
+            "first_result_seconds": round(result.first_result_seconds, 3),
+            "last_result_seconds": round(result.last_result_seconds, 3),
         },
         "error_fraction": result.error_fraction,
         "max_error_fraction": result.max_error_fraction,

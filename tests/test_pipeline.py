@@ -171,6 +171,31 @@ def test_instance_pipeline_equals_direct_calls(tmp_path: Path) -> None:
     assert total > 0, "random weights produced no detections: lower score_threshold"
 
 
+def test_laptop_actor_moves_to_concurrent_streams_and_masks_stay_whole(tmp_path: Path) -> None:
+    """On a one-node 2-CPU Ray the actor starts with one forward pass, then runs two at once.
+
+    The probe model paints each mask with how many passes overlapped it, so the PNGs show the layout.
+    """
+    write_images(tmp_path / "in", [(32, 40)] * 14, seed=5)
+    spec = parse_job(
+        job(tmp_path, tmp_path / "in", task="semantic", arch="tests.probe_models:concurrency_probe", weights="none",
+            num_classes=4, batch_size=1)
+    )
+    result = run_job(spec)
+    assert (result.processed, result.ok) == (14, 14)
+    rows = read_committed(spec.output.uri, {}).to_pylist()
+    overlaps = []
+    for row in rows:
+        mask = decode_png_label_map(Path(row["mask_uri"]).read_bytes())
+        assert mask.shape == (32, 40) and len(np.unique(mask)) == 1  # one pass's answer, whole
+        overlaps.append(int(mask[0, 0]))
+    # The warm-up and measured batches run alone (one stream while it measures), later ones in pairs,
+    # never more than the two streams.
+    assert overlaps.count(1) >= 4 and overlaps.count(2) >= 2 and max(overlaps) == 2, overlaps
+    timing = json.loads(Path(result.manifest_uri).read_text())["timing"]
+    assert 0 < timing["first_result_seconds"] <= timing["last_result_seconds"] <= timing["stream_seconds"]
+
+
 def test_incremental_run_processes_only_new_and_changed(tmp_path: Path) -> None:
     write_images(tmp_path / "in", [(40, 40)] * 3, seed=8)
     data = job(tmp_path, tmp_path / "in", task="semantic", arch="segbatch.models.small:unet_small", num_classes=4)
