@@ -45,7 +45,8 @@ from _common import make_jpegs, run_measured  # noqa: E402
 from segbatch.masks import encode_png_label_map  # noqa: E402
 from segbatch.models import Predictor, resolve_weights  # noqa: E402
 from segbatch.models.threads import MAX_STREAMS, stream_threads  # noqa: E402
-from segbatch.spec import INSTANCE_ARCHS, ModelSpec  # noqa: E402
+from segbatch.pipeline import actor_streams, load_block_rows  # noqa: E402
+from segbatch.spec import INSTANCE_ARCHS, ComputeSpec, ModelSpec  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -96,7 +97,7 @@ def naive_loop(pred: Predictor, paths: list[Path], out: Path) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def _segbatch_run(args: argparse.Namespace, images: Path, work: Path) -> tuple[dict, int, str | None]:
+def _segbatch_run(args: argparse.Namespace, images: Path, work: Path, load_rows: int) -> tuple[dict, int, str | None]:
     out = work / f"e2e-out-{images.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # fresh: a rerun would skip all
     job = {
         "name": "bench",
@@ -111,8 +112,9 @@ def _segbatch_run(args: argparse.Namespace, images: Path, work: Path) -> tuple[d
         },
         "output": {"uri": str(out), "instance_png": args.task == "instance"},
         # The product's defaults: one actor reserving one CPU whose torch threads share the machine's cores (one-node
-        # Ray), one CPU per load task; tune with --set.
-        "compute": {"actors": 1},
+        # Ray), one CPU per load task; tune with --set. Both runs of a pair get the load blocks the smaller one
+        # would (a small job's blocks shrink), so their first results carry alike many images.
+        "compute": {"actors": 1, "load_batch_size": load_rows},
     }
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(job))
@@ -128,8 +130,12 @@ def end_to_end(args: argparse.Namespace, small: Path, large: Path, work: Path) -
 
     Both runs pay the same start-up (Ray, actors, model load), so it cancels in the difference.
     """
-    first, _, _ = _segbatch_run(args, small, work)
-    second, peak, choice = _segbatch_run(args, large, work)
+    defaults = ComputeSpec(actors=1)
+    load_rows = load_block_rows(
+        defaults.load_batch_size, args.images, actor_streams(defaults, os.cpu_count()), args.batch_size
+    )
+    first, _, _ = _segbatch_run(args, small, work, load_rows)
+    second, peak, choice = _segbatch_run(args, large, work, load_rows)
 
     def span(manifest: dict) -> float:
         return manifest["timing"]["last_result_seconds"] - manifest["timing"]["first_result_seconds"]

@@ -241,6 +241,19 @@ def actor_streams(compute: ComputeSpec, one_node_cpus: int | None) -> int:
     return 1
 
 
+def load_block_rows(load_batch_size: int, items: int, streams: int, batch_size: int) -> int:
+    """Images per load task, which is also per block the predict actor receives.
+
+    An actor runs a block's batches one after another, so its streams overlap only across blocks: a
+    job with fewer blocks than streams would run on one. With several streams, blocks shrink until
+    each stream gets about four (never below one model batch), so the last blocks, which run with
+    streams idle, are a small part of a job.
+    """
+    if streams <= 1:
+        return load_batch_size
+    return max(1, min(load_batch_size, max(batch_size, math.ceil(items / (4 * streams)))))
+
+
 def _one_node_cpus() -> int | None:
     import ray
 
@@ -262,11 +275,12 @@ def build_dataset(
     import ray
 
     c, m = spec.compute, spec.model
-    blocks = max(1, min(math.ceil(len(rows) / c.load_batch_size), 20_000))
+    load_rows = load_block_rows(c.load_batch_size, len(rows), streams, m.batch_size)
+    blocks = max(1, min(math.ceil(len(rows) / load_rows), 20_000))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(
         load_batch,
-        batch_size=c.load_batch_size,
+        batch_size=load_rows,
         num_cpus=c.cpus_per_loader,
         # A memory request (a real need: decoded batches) also keeps Ray Data from fusing decode into
         # the predict actors, which it does for task→actor maps with equal CPU/GPU requests.
@@ -310,7 +324,7 @@ def build_dataset(
     )
     ds = ds.map_batches(
         write_batch,
-        batch_size=c.load_batch_size,  # bundles small predict blocks (batch_size 1 makes 1-row blocks): fewer tasks
+        batch_size=load_rows,  # bundles small predict blocks (batch_size 1 makes 1-row blocks): fewer tasks
         num_cpus=0.25,
         fn_kwargs={
             "output_uri": spec.output.uri,

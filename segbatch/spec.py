@@ -232,7 +232,11 @@ class ComputeSpec(_Strict):
         "the header, the predict actor decodes with torchvision's `decode_jpeg` on its device (nvJPEG on a GPU; "
         "libjpeg-turbo on a CPU actor). Other formats, CMYK and files cut short are always decoded by loaders.",
     )
-    load_batch_size: PositiveInt = Field(default=16, description="Images fetched concurrently and decoded per load task.")
+    load_batch_size: PositiveInt = Field(
+        default=16,
+        description="Images fetched concurrently and decoded per load task (at most: with several streams per actor, a "
+        "small job's load tasks shrink so that every stream gets blocks to work on).",
+    )
     fetch_concurrency: PositiveInt = Field(default=16, description="Concurrent object fetches within one load task.")
 
     @field_validator("actors")

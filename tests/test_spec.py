@@ -164,3 +164,14 @@ def test_actor_streams_split_a_laptops_threads_and_stay_single_elsewhere() -> No
     assert actor_streams(ComputeSpec(actors=(1, 4)), one_node_cpus=8) == 1  # autoscaling pool
     assert actor_streams(ComputeSpec(threads_per_actor=4), one_node_cpus=8) == 1  # threads fixed by hand
     assert actor_streams(ComputeSpec(streams_per_actor=3, cpus_per_actor=6), one_node_cpus=None) == 3  # set by hand
+
+
+def test_load_blocks_shrink_so_every_stream_has_work() -> None:
+    from segbatch.pipeline import load_block_rows
+
+    assert load_block_rows(16, items=1000, streams=1, batch_size=1) == 16  # one stream: the configured size
+    assert load_block_rows(16, items=1000, streams=2, batch_size=1) == 16  # plenty of blocks already
+    assert load_block_rows(16, items=12, streams=2, batch_size=1) == 2  # 6 blocks, 3 per stream
+    assert load_block_rows(16, items=6, streams=2, batch_size=1) == 1
+    assert load_block_rows(16, items=6, streams=2, batch_size=4) == 4  # never below one model batch
+    assert load_block_rows(16, items=6, streams=2, batch_size=32) == 16  # nor above the configured size
