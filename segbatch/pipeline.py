@@ -231,11 +231,12 @@ def actor_threads(compute: ComputeSpec, one_node_cpus: int | None) -> tuple[int,
 def actor_streams(compute: ComputeSpec, one_node_cpus: int | None) -> int:
     """Concurrent forward passes per predict actor (see :mod:`segbatch.models.threads`).
 
-    `streams_per_actor` when set; else one pass per thread (at most `MAX_STREAMS`) where the actor
-    picks its own threads, one pass elsewhere (a GPU, or threads the user fixed).
+    `streams_per_actor` when set (at most one per torch thread); else one pass per thread (at most
+    `MAX_STREAMS`) where the actor picks its own threads, one pass elsewhere (a GPU, or threads the
+    user fixed).
     """
     if compute.streams_per_actor:
-        return compute.streams_per_actor
+        return min(compute.streams_per_actor, actor_threads(compute, one_node_cpus)[1])
     if _shares_one_node(compute, one_node_cpus):
         return min(actor_threads(compute, one_node_cpus)[1], MAX_STREAMS)
     return 1

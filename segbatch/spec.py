@@ -216,10 +216,10 @@ class ComputeSpec(_Strict):
     )
     streams_per_actor: PositiveInt | None = Field(
         default=None,
-        description="Forward passes each predict actor runs at once, its torch threads split among them (a small "
-        "batch gives one pass's threads little to share: on 2 cores LRASPP 512² at batch 1 runs ~40% faster as two "
-        "1-thread passes than as one 2-thread pass). Default: 1, except where the actor picks its own threads (a "
-        "CPU-only fixed pool on a one-node Ray): there one pass per thread, at most 4.",
+        description="Forward passes each predict actor runs at once, its torch threads split among them, at most one "
+        "per thread (a small batch gives one pass's threads little to share: on 2 cores LRASPP 512² at batch 1 runs "
+        "~40% faster as two 1-thread passes than as one 2-thread pass). Default: 1, except where the actor picks its "
+        "own threads (a CPU-only fixed pool on a one-node Ray): there one pass per thread, at most 4.",
     )
     cpus_per_loader: PositiveFloat = Field(default=1.0, description="CPUs each load (fetch + decode) task reserves.")
     memory_per_loader: PositiveInt = Field(

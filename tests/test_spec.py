@@ -164,6 +164,7 @@ def test_actor_streams_split_a_laptops_threads_and_stay_single_elsewhere() -> No
     assert actor_streams(ComputeSpec(actors=(1, 4)), one_node_cpus=8) == 1  # autoscaling pool
     assert actor_streams(ComputeSpec(threads_per_actor=4), one_node_cpus=8) == 1  # threads fixed by hand
     assert actor_streams(ComputeSpec(streams_per_actor=3, cpus_per_actor=6), one_node_cpus=None) == 3  # set by hand
+    assert actor_streams(ComputeSpec(streams_per_actor=3), one_node_cpus=None) == 1  # one thread: one pass
 
 
 def test_load_blocks_shrink_so_every_stream_has_work() -> None:
