@@ -18,9 +18,10 @@ CPU time per image, and moves to all cores once unless loading and writing cost 
 model's time.
 
 How the actor spends its threads matters as much as how many it has. A small batch gives torch's
-intra-op threads little to share: on 2 cores LRASPP 512² at batch 1 makes 7.4-9.3 images/s as one
-forward pass on 2 threads, and 11.3-12.8 as two concurrent forward passes on 1 thread each (one
-process, same model object; `benchmarks/pipeline_efficiency.py` reports both as `model_only_*`). So
+intra-op threads little to share: on 2 cores LRASPP 512² at batch 1 makes 13.1 images/s as one
+forward pass on 2 threads and 17.1 as two concurrent forward passes on 1 thread each (one process,
+same model object; `benchmarks/pipeline_efficiency.py` reports both as `model_only_*`); Mask R-CNN
+v2 640×480 makes 0.175 and 0.207. So
 the actor splits its threads into up to `MAX_STREAMS` concurrent forward passes ("streams", Ray Data
 calls the actor from that many threads), each setting its own torch thread count. The cap bounds the
 activations held at once; past a few streams each stream has threads enough to share.
