@@ -4,9 +4,9 @@ Prints one JSON line (and nothing else on stdout):
   model_only_ips   the model alone on pre-decoded arrays: to-tensor, normalise, forward, argmax
                    (instance: threshold, crop, RLE), same batch size, on the machine's cores: the better of
                    one pass on all cores (`model_only_one_pass_ips`) and the cores split into concurrent
-                   1-thread passes as the CPU actor runs them (`model_only_streams_ips`). Measured before
-                   and after the end-to-end runs and averaged; `model_only_drift` = after / before shows how
-                   far the machine moved meanwhile.
+                   passes as the CPU actor splits them, 1 thread each up to 4 cores (`model_only_streams_ips`).
+                   Measured before and after the end-to-end runs and averaged; `model_only_drift` = after /
+                   before shows how far the machine moved meanwhile.
   end_to_end_ips   `segbatch run` in steady state: the job over N and over 2N images, extra images / extra
                    seconds from first to last result (Ray start, actor start, model load and the final
                    commit are outside that span, and what is left of start-up is paid by both and cancels)
@@ -46,7 +46,7 @@ from _common import make_jpegs, run_measured  # noqa: E402
 
 from segbatch.masks import encode_png_label_map  # noqa: E402
 from segbatch.models import Predictor, resolve_weights  # noqa: E402
-from segbatch.models.threads import MAX_STREAMS, stream_threads  # noqa: E402
+from segbatch.models.threads import StreamGate, stream_threads  # noqa: E402
 from segbatch.pipeline import actor_streams, load_block_rows  # noqa: E402
 from segbatch.spec import INSTANCE_ARCHS, ComputeSpec, ModelSpec  # noqa: E402
 
@@ -60,14 +60,20 @@ def _predictor(task: str, arch: str, batch_size: int, threads: int) -> Predictor
 
 
 def model_only(pred: Predictor, images: list[np.ndarray], batch_size: int, streams: int = 1) -> float:
-    """Images/s of the predictor's tensor path; `streams` > 1 runs that many 1-thread passes at once."""
+    """Images/s of the predictor's tensor path, its cores split into `streams` concurrent passes.
+
+    The passes get their threads from the actor's own gate (:class:`StreamGate`), so the layout is
+    the one a job's CPU actor runs after it moves to all cores.
+    """
     run = pred.predict_semantic if pred.task == "semantic" else pred.predict_instance
     threads = torch.get_num_threads()
+    gate = StreamGate(stream_threads(threads, streams))
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
 
     def one(batch: list[np.ndarray]) -> None:
-        torch.set_num_threads(1 if streams > 1 else threads)
-        run(batch)
+        with gate.slot() as own_threads:
+            torch.set_num_threads(own_threads)
+            run(batch)
 
     with ThreadPoolExecutor(streams) as pool:
         list(pool.map(one, batches[:streams]))  # warm-up, each thread once
@@ -79,9 +85,9 @@ def model_only(pred: Predictor, images: list[np.ndarray], batch_size: int, strea
 
 
 def model_only_pair(pred: Predictor, images: list[np.ndarray], batch_size: int, cores: int) -> tuple[float, float]:
-    """(one pass on all cores, the cores as concurrent 1-thread passes) images/s, like the CPU actor's layout."""
+    """(one pass on all cores, the cores split into concurrent passes as a job's CPU actor splits them) images/s."""
     one_pass = model_only(pred, images, batch_size)
-    streams = len(stream_threads(cores, MAX_STREAMS)) if pred.device.type == "cpu" else 1
+    streams = actor_streams(ComputeSpec(actors=1), cores) if pred.device.type == "cpu" else 1
     return one_pass, (model_only(pred, images, batch_size, streams) if streams > 1 else one_pass)
 
 

@@ -21,10 +21,10 @@ How the actor spends its threads matters as much as how many it has. A small bat
 intra-op threads little to share: on 2 cores LRASPP 512² at batch 1 makes 13.1 images/s as one
 forward pass on 2 threads and 17.1 as two concurrent forward passes on 1 thread each (one process,
 same model object; `benchmarks/pipeline_efficiency.py` reports both as `model_only_*`); Mask R-CNN
-v2 640×480 makes 0.175 and 0.207. So
-the actor splits its threads into up to `MAX_STREAMS` concurrent forward passes ("streams", Ray Data
-calls the actor from that many threads), each setting its own torch thread count. The cap bounds the
-activations held at once; past a few streams each stream has threads enough to share.
+v2 640×480 makes 0.175 and 0.207. So the actor splits its threads into up to `MAX_STREAMS`
+concurrent forward passes ("streams", Ray Data calls the actor from that many threads), each setting
+its own torch thread count. The cap bounds the activations held at once; past a few streams each
+stream has threads enough to share.
 """
 
 from __future__ import annotations
