@@ -382,7 +382,6 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
         commit_rows=spec.output.commit_rows,
         commit_seconds=spec.output.commit_seconds,
     )
-    counts: Counter[str] = Counter()
     stream_start = time.time()
     if items:
         started_ray = _ensure_ray(spec)
@@ -400,8 +399,6 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
                 arrivals.append((time.time(), (arrivals[-1][1] if arrivals else 0) + len(batch["item_id"])))
                 table = rows_to_table(batch, constants)
                 committer.add(table)
-                for status, cls in zip(batch["status"], batch["error_class"]):
-                    counts["ok" if status == "ok" else str(cls)] += 1
                 if "retries" in batch:
                     result.retried += int(np.sum(batch["retries"]))
             result.steady_images_per_second = _steady_rate(arrivals)
@@ -416,6 +413,7 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
 
                 ray.shutdown()
     result.stream_seconds = time.time() - stream_start
+    counts = Counter(committer.committed_counts)  # rows in the ledger, not rows the driver saw
     result.processed = sum(counts.values())
     result.ok = counts.pop("ok", 0)
     result.errors = dict(sorted(counts.items()))

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -220,6 +221,9 @@ class Committer:
         self._last_commit = time.monotonic()
         self._seq = 0
         self.committed_rows = 0
+        #: Committed rows by outcome: `ok`, or the error class. The run's counts come from here, so
+        #: a row counts only once it is in the ledger.
+        self.committed_counts: Counter[str] = Counter()
         self.parts: list[str] = []
         #: Retries spent writing parts (transient storage faults), for the run manifest.
         self.retries = Retries()
@@ -256,6 +260,8 @@ class Committer:
             self._write("errors", errors)
         self.parts.append(unstrip(self.fs, self._write("metadata", table)))
         self.committed_rows += table.num_rows
+        outcomes = pc.if_else(pc.equal(table["status"], "ok"), "ok", pc.fill_null(table["error_class"], "error"))
+        self.committed_counts.update(outcomes.to_pylist())
         self._seq += 1
         self._pending, self._pending_rows = [], 0
         self._last_commit = time.monotonic()

@@ -19,7 +19,7 @@ from segbatch.load import _ORIENTATION, Loader, decode_image, inspect_jpeg
 from segbatch.models import resolve_weights
 from segbatch.models.predictor import Predictor, decode_jpegs, orient_chw
 from segbatch.spec import ModelSpec
-
+from tests.varied import assert_varied_labels, varied_lraspp_checkpoint
 
 
 def _jpeg(array: np.ndarray, orientation: int = 1, mode: str | None = None) -> bytes:
@@ -103,9 +103,11 @@ def test_loader_leaves_plain_jpegs_to_the_actor_and_the_rows_match(tmp_path: Pat
     assert dict(zip(names, dev["error_class"]))["f-truncated.jpg"] == "truncated"
     assert (dev["height"][names.index("b-rotated.jpg")], dev["width"][names.index("b-rotated.jpg")]) == (64, 40)
 
-    rw = resolve_weights(ModelSpec(task="semantic", arch="segbatch.models.small:unet_small", num_classes=4))
+    _, ckpt = varied_lraspp_checkpoint(tmp_path / "lraspp.pt")
+    rw = resolve_weights(ModelSpec(task="semantic", arch="lraspp_mobilenet_v3_large", weights=str(ckpt), num_classes=4))
     predictor = Predictor("semantic", rw, {"batch_size": 4})
     from_cpu, from_dev = predictor(cpu), predictor(dev)
+    assert_varied_labels([m for m in from_cpu["label_map"] if m.size])
     assert "jpeg" not in from_dev and "image" not in from_dev
     assert list(from_dev["status"]) == list(from_cpu["status"])
     for name, a, b in zip(names, from_cpu["label_map"], from_dev["label_map"]):

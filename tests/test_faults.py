@@ -325,5 +325,5 @@ def test_job_completes_through_storage_faults(
     forced = [f for f in proxy.faults if "forced" in f.detail]
     assert len(forced) == len(FORCED) - 1 + BURST, forced
     assert retries >= 1, "the burst should have outlasted the storage client's own retries"
-    if hasattr(result, "retried"):  # the run's count is the rows' `retries` summed
-        assert result.retried >= seen["row_retries"] >= 1, (result.retried, seen)
+    # The run's count is the rows' `retries` summed, plus the committer's own.
+    assert result.retried >= seen["row_retries"] >= 1, (result.retried, seen)

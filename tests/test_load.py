@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -470,12 +474,39 @@ def test_missing_object_is_unreadable(tmp_path: Path) -> None:
     assert out["error"][0] == f"{uri}: object not found"
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_permission(tmp_path: Path) -> None:
-    batch = _rows(tmp_path, {"locked.png": _save(Image.new("RGB", (2, 2)), "PNG")})
-    (tmp_path / "locked.png").chmod(0)
-    out = Loader()(batch)
-    assert out["error_class"].tolist() == ["unreadable"]
+@contextmanager
+def _unprivileged() -> Iterator[None]:
+    """Run the body as `nobody` when the suite runs as root (CI does): root reads any file."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_unreadable_permission() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="segbatch-perm-"))  # outside pytest's root-only tmp tree
+    try:
+        folder.chmod(0o755)
+        batch = _rows(folder, {"locked.png": _save(Image.new("RGB", (2, 2)), "PNG"), "open.png": _save(Image.new("RGB", (2, 2)), "PNG")})
+        (folder / "locked.png").chmod(0)
+        with _unprivileged():
+            out = Loader()(batch)
+    finally:
+        shutil.rmtree(folder)
+    assert out["status"].tolist() == ["error", "ok"] and out["error_class"][0] == "unreadable"
+    assert out["error"][0].startswith(f"{folder / 'locked.png'}: permission denied")
+
+
+def test_path_under_a_file_is_unreadable(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(_save(Image.new("RGB", (2, 2)), "PNG"))
+    uri = str(tmp_path / "a.png" / "inner.png")  # the parent is a file: fails for root too
+    out = Loader()({"uri": np.asarray([uri], dtype=object), "size": np.asarray([5])})
+    assert out["status"].tolist() == ["error"] and out["error_class"].tolist() == ["unreadable"]
+    assert out["error"][0].startswith(f"{uri}: cannot read: NotADirectoryError")
 
 
 def test_file_uri(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import yaml
 
 from segbatch.masks import decode_png_label_map
 from segbatch.sinks import read_committed
-from tests.conftest import write_images
+from tests.varied import assert_varied_labels, write_rich_scenes
 
 SEGBATCH = str(Path(sys.executable).with_name("segbatch"))
 N_IMAGES = 24
@@ -26,8 +26,7 @@ N_IMAGES = 24
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("resume")
-    write_images(root / "in" / "a", [(64, 64)] * (N_IMAGES // 2), seed=3)
-    write_images(root / "in" / "b", [(64, 64)] * (N_IMAGES // 2), seed=4)
+    write_rich_scenes(root / "in", count=N_IMAGES)
     return root
 
 
@@ -35,7 +34,7 @@ def write_job(root: Path, out: str) -> Path:
     job = {
         "name": "resume-test",
         "input": {"uri": str(root / "in")},
-        "model": {"task": "semantic", "arch": "segbatch.models.small:unet_small", "num_classes": 4, "batch_size": 2},
+        "model": {"task": "semantic", "weights": "builtin:shapes", "batch_size": 2},
         "output": {"uri": str(root / out), "commit_rows": 3, "commit_seconds": 0.5},
         "compute": {"load_batch_size": 4},
     }
@@ -65,7 +64,10 @@ def outputs(out: Path) -> dict[str, tuple[str, list[int], np.ndarray]]:
 def clean(workspace: Path) -> dict:
     manifest = run(write_job(workspace, "clean"))
     assert manifest["counts"]["ok"] == N_IMAGES
-    return outputs(workspace / "clean")
+    masks = outputs(workspace / "clean")
+    # Scenes of many sizes and contents: a mask written for the wrong item cannot match by chance.
+    assert_varied_labels([m for _, _, m in masks.values()], min_fraction=0.75)
+    return masks
 
 
 def kill_when(job: Path, ready, extra: tuple[str, ...] = ()) -> None:
@@ -85,6 +87,10 @@ def kill_when(job: Path, ready, extra: tuple[str, ...] = ()) -> None:
 
 def masks_written(out: Path) -> int:
     return len(list((out / "masks").rglob("*.png"))) if (out / "masks").exists() else 0
+
+
+def mask_key(out: Path, path: Path) -> str:
+    return str(path.relative_to(out / "masks"))
 
 
 def committed(out: Path) -> int:
@@ -118,6 +124,9 @@ def test_kill_then_rerun_equals_clean_run(workspace: Path, clean: dict, moment: 
     for item_id, (status, pixels, mask) in final.items():
         c_status, c_pixels, c_mask = clean[item_id]
         assert status == c_status == "ok"
-        assert (mask == c_mask).mean() >= 0.999
+        assert mask.shape == c_mask.shape and (mask == c_mask).mean() >= 0.999, item_id
         assert sum(pixels) == sum(c_pixels) == mask.size
     assert masks_written(out) == N_IMAGES
+    assert {mask_key(out, m) for m in (out / "masks").rglob("*.png")} == {
+        mask_key(workspace / "clean", m) for m in (workspace / "clean" / "masks").rglob("*.png")
+    }

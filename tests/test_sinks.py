@@ -51,11 +51,13 @@ def test_committer_writes_whole_parts_by_row_count(tmp_path: Path) -> None:
     committer = Committer(str(tmp_path / "out"), {}, "r1", {"segbatch.task": "semantic"}, commit_rows=5, commit_seconds=3600)
     committer.add(table)
     assert not (tmp_path / "out/metadata").exists()  # 3 rows < commit_rows: still pending
+    assert not committer.committed_counts  # pending rows are not counted as done
     committer.add(table.slice(0, 2))
     assert [p.rsplit("/", 1)[1] for p in committer.parts] == ["part-r1-00000.parquet"]
     committer.add(table.slice(2, 1))
     committer.flush()
     assert committer.committed_rows == 6 and len(committer.parts) == 2
+    assert committer.committed_counts == {"ok": 4, "truncated": 2}
     assert read_committed(str(tmp_path / "out"), {}).num_rows == 6
     errors = pq.read_table(tmp_path / "out/errors").to_pylist()
     assert [e["uri"] for e in errors] == ["/in/sub/1.jpg"] * 2  # the error row was added twice above

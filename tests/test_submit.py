@@ -36,6 +36,7 @@ from PIL import Image
 from segbatch import cli, submit
 from segbatch.spec import SpecError, load_job
 from segbatch.synth import write_scene_folder
+from tests.varied import assert_varied_labels, write_rich_scenes
 
 BIN = Path(sys.executable).parent
 SEGBATCH = str(BIN / "segbatch")
@@ -54,9 +55,7 @@ def _write_job(path: Path, images: Path, output: Path, batch_size: int = 2, **co
         "input": {"uri": str(images)},
         "model": {
             "task": "semantic",
-            "arch": "lraspp_mobilenet_v3_large",
-            "weights": "none",
-            "num_classes": 4,
+            "weights": "builtin:shapes",
             "batch_size": batch_size,
         },
         "output": {"uri": str(output), "commit_rows": 1000},
@@ -249,7 +248,7 @@ def test_submit_runs_predict_on_the_gpu_worker_and_matches_a_local_run(
     ray_cluster: _TestCluster, tmp_path: Path
 ) -> None:
     images = tmp_path / "images"
-    write_scene_folder(images, count=4, seed=1)
+    write_rich_scenes(images, count=4)
     job = _write_job(tmp_path / "mn.yaml", images, tmp_path / "out-cluster")
     sid = f"mn-{tmp_path.name}"
 
@@ -286,6 +285,7 @@ def test_submit_runs_predict_on_the_gpu_worker_and_matches_a_local_run(
     assert cluster_rows == local_rows
     cluster_masks, local_masks = _masks(tmp_path / "out-cluster"), _masks(tmp_path / "out-local")
     assert len(cluster_masks) == 4 and cluster_masks.keys() == local_masks.keys()
+    assert_varied_labels(list(local_masks.values()), min_fraction=0.75)
     for key, pixels in cluster_masks.items():
         np.testing.assert_array_equal(pixels, local_masks[key], err_msg=key)
 
@@ -329,7 +329,7 @@ def test_gpu_node_added_mid_job_gets_predict_actors(ray_cluster: _TestCluster, t
         cpus_per_loader=0.25,
     )
     data = yaml.safe_load(job.read_text())
-    data["model"]["resize"] = 640
+    data["model"] = {**data["model"], "arch": "lraspp_mobilenet_v3_large", "weights": "none", "num_classes": 4, "resize": 640}
     job.write_text(yaml.safe_dump(data))
     sid = f"grow-{tmp_path.name}"
     args = cli._parser().parse_args(["submit", str(job), "--address", ray_cluster.url, "--id", sid])
