@@ -386,7 +386,8 @@ def _evaluate_instance(rows: list[dict[str, Any]], truth: dict[str, Any]) -> dic
                     "image_id": img["id"],
                     "category_id": int(inst["label"]),
                     "score": float(inst["score"]),
-                    "bbox": [float(v) for v in inst["bbox"]],
+                    # Box AP scores the detector's own box (the mask's box is what `segm` already scores).
+                    "bbox": [float(v) for v in inst.get("detector_bbox") or inst["bbox"]],
                     "segmentation": {"size": [h, w], "counts": inst["rle"]},
                 }
             )

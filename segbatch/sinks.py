@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pycocotools import mask as mask_util
 
 from segbatch.masks import encode_png_label_map
 from segbatch.retry import Retries, call_with_retries
@@ -39,7 +40,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever a column is added, removed or changes meaning (stored in each file's metadata).
-SCHEMA_VERSION = "1"
+#: 2: an instance's `bbox` is its mask's tight box (it was the detector's, now `detector_bbox`).
+SCHEMA_VERSION = "2"
 
 INSTANCE_TYPE = pa.struct(
     [
@@ -48,6 +50,7 @@ INSTANCE_TYPE = pa.struct(
         ("bbox", pa.list_(pa.float32(), 4)),
         ("area", pa.int64()),
         ("rle", pa.string()),
+        ("detector_bbox", pa.list_(pa.float32(), 4)),
     ]
 )
 
@@ -280,14 +283,40 @@ def read_committed(output_uri: str, storage_options: dict[str, Any] | None, colu
     schema = pa.schema(fields)
     tables = []
 
+    wanted = columns if columns is None or "instances" not in columns else sorted({*columns, "height", "width"})
+
     def read_part(path: str) -> pa.Table:
         with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+            return pq.read_table(f, columns=wanted)
 
     for p in paths:
         t = call_with_retries(lambda: read_part(p), what=f"reading {unstrip(fs, p)}")  # noqa: B023 - called at once
+        if (t.schema.metadata or {}).get(b"segbatch.schema_version", b"1") == b"1" and "instances" in schema.names:
+            t = _instances_from_v1(t)
         tables.append(t.select(schema.names).cast(schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _instances_from_v1(table: pa.Table) -> pa.Table:
+    """Version 1 parts stored the detector's box as `bbox`: it becomes `detector_bbox`, and `bbox` the
+    mask's own box (from its RLE), so old outputs read as new ones (resume, eval, exports)."""
+    rows = table.select(["height", "width", "instances"]).to_pylist()
+    upgraded = []
+    for row in rows:
+        instances = row["instances"]
+        if instances is not None:
+            size = [int(row["height"]), int(row["width"])]
+            instances = [
+                {
+                    **inst,
+                    "detector_bbox": inst["bbox"],
+                    "bbox": [float(v) for v in mask_util.toBbox({"size": size, "counts": inst["rle"].encode()})],
+                }
+                for inst in instances
+            ]
+        upgraded.append(instances)
+    index = table.schema.get_field_index("instances")
+    return table.set_column(index, "instances", pa.array(upgraded, type=pa.list_(INSTANCE_TYPE)))
 
 
 def new_run_id() -> str:

@@ -255,7 +255,9 @@ def test_instances_are_cropped_encoded_and_painted_by_score() -> None:
         boxes, torch.tensor([1, 2]), torch.tensor([0.6, 0.9]), probs, 0.5, h, w, with_map=True
     )
     assert [i["label"] for i in out] == [2, 1] and [round(i["score"], 2) for i in out] == [0.9, 0.6]
-    assert out[0]["bbox"] == [8.0, 6.0, 12.0, 9.0]
+    assert out[0]["detector_bbox"] == [8.0, 6.0, 12.0, 9.0]  # the detector's box, as it gave it
+    assert out[0]["bbox"] == [8.0, 0.0, 22.0, 15.0]  # the mask's own box: the stray pixel at (0, 29) included
+    assert out[1]["bbox"] == [3.0, 2.0, 9.0, 8.0]
     for inst, k in zip(out, [1, 0]):
         mask = rle_to_mask(inst["rle"], h, w)
         assert (mask == (probs[k, 0] > 0.5).numpy()).all()

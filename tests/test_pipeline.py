@@ -95,7 +95,7 @@ def test_semantic_pipeline_equals_direct_calls(tmp_path: Path) -> None:
     assert [e["uri"] for e in errors] == [str(tmp_path / "in" / "broken.png")]
     assert pq.read_schema(next((tmp_path / "out" / "metadata").glob("*.parquet"))).metadata[
         b"segbatch.schema_version"
-    ] == b"1"
+    ] == b"2"
 
     # A rerun skips everything already committed and adds no rows.
     again = run_job(spec)
@@ -140,6 +140,34 @@ def test_instance_pipeline_equals_direct_calls(tmp_path: Path) -> None:
             assert abs(g["score"] - e["score"]) < 1e-4, path.name
             assert (mask & e["mask"]).sum() / (mask | e["mask"]).sum() >= 0.99, path.name
             assert g["area"] == int(mask.sum())
+            ys, xs = np.nonzero(mask)
+            assert g["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+            assert len(g["detector_bbox"]) == 4
+
+    # An output written as schema version 1 (bbox was the detector's box) still reads and resumes.
+    before = read_committed(spec.output.uri, {}).to_pylist()
+    for part in (tmp_path / "out" / "metadata").glob("*.parquet"):
+        _rewrite_as_v1(part)
+    after = read_committed(spec.output.uri, {}).to_pylist()
+    assert [r["instances"] for r in after] == [r["instances"] for r in before]
+    again = run_job(spec)
+    assert (again.listed, again.skipped, again.processed) == (len(paths), len(paths), 0)
+
+
+def _rewrite_as_v1(part: Path) -> None:
+    """Write a part as segbatch 0.1's schema version 1 wrote it: `bbox` held the detector's box."""
+    import pyarrow as pa
+
+    table = pq.read_table(part)
+    v1_instance = pa.struct([("label", pa.int32()), ("score", pa.float32()), ("bbox", pa.list_(pa.float32(), 4)),
+                             ("area", pa.int64()), ("rle", pa.string())])
+    instances = [
+        None if row is None else [{**{k: i[k] for k in ("label", "score", "area", "rle")}, "bbox": i["detector_bbox"]} for i in row]
+        for row in table["instances"].to_pylist()
+    ]
+    table = table.set_column(table.schema.get_field_index("instances"), "instances", pa.array(instances, pa.list_(v1_instance)))
+    metadata = {**table.schema.metadata, b"segbatch.schema_version": b"1"}
+    pq.write_table(table.replace_schema_metadata(metadata), part)
 
 
 def test_laptop_actor_moves_to_concurrent_streams_and_masks_stay_whole(tmp_path: Path) -> None:

@@ -61,5 +61,5 @@ def test_committer_writes_whole_parts_by_row_count(tmp_path: Path) -> None:
     assert read_committed(str(tmp_path / "out"), {}).num_rows == 6
     errors = pq.read_table(tmp_path / "out/errors").to_pylist()
     assert [e["uri"] for e in errors] == ["/in/sub/1.jpg"] * 2  # the error row was added twice above
-    assert pq.read_schema(committer.parts[0]).metadata[b"segbatch.schema_version"] == b"1"
+    assert pq.read_schema(committer.parts[0]).metadata[b"segbatch.schema_version"] == b"2"
     assert not list((tmp_path / "out").rglob("*.tmp"))

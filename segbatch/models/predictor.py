@@ -78,8 +78,9 @@ def instances_from_output(
     occupancy), so only the crops cross to the host. `masks` is `(K, 1, H, W)` probabilities.
 
     Returns:
-        Instances sorted by descending score (`label`, `score`, `bbox` [x, y, w, h], `area`, `rle`),
-        and the instance-id map (uint16, 1 = highest score; empty unless `with_map`).
+        Instances sorted by descending score (`label`, `score`, `bbox` [x, y, w, h] of the mask's
+        pixels, `detector_bbox` the detector's own box, `area`, `rle`), and the instance-id map
+        (uint16, 1 = highest score; empty unless `with_map`).
     """
     order = torch.argsort(scores, descending=True)
     boxes, labels, scores = boxes[order], labels[order], scores[order]
@@ -109,7 +110,8 @@ def instances_from_output(
             {
                 "label": int(labels_np[k]),
                 "score": float(scores_np[k]),
-                "bbox": [x_min, y_min, x_max - x_min, y_max - y_min],
+                "bbox": [float(v) for v in mask_util.toBbox(rle)],  # the mask's own box, as annotation tools read it
+                "detector_bbox": [x_min, y_min, x_max - x_min, y_max - y_min],
                 "area": int(mask_util.area(rle)),
                 "rle": rle["counts"].decode("ascii"),
             }
