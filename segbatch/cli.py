@@ -32,12 +32,23 @@ def format_summary(result: "RunResult") -> str:  # type: ignore[name-defined]  #
         f"processed {result.processed} ({result.new} new, {result.changed} changed) · ok {result.ok} · "
         f"error {result.error_count} · storage retries {result.retried}",
         f"  errors     {errors} (fraction {result.error_fraction:.3f}, budget {result.max_error_fraction:.3f})",
-        f"  speed      {result.images_per_second:.2f} images/s over {result.stream_seconds:.1f} s of streaming",
+        _speed_line(result),
         f"  masks      {out}/masks/",
         f"  metadata   {out}/metadata/*.parquet (errors also in {out}/errors/)",
         f"  manifest   {result.manifest_uri}",
     ]
     return "\n".join(lines)
+
+
+def _speed_line(result: "RunResult") -> str:  # type: ignore[name-defined]  # noqa: F821
+    """Start-up, the steady rate and the whole run apart: on a small job start-up is most of the time."""
+    if not result.processed:
+        return "  speed      nothing to process"
+    steady = f"{result.steady_images_per_second:.2f} images/s" if result.steady_images_per_second else "too few results to measure"
+    return (
+        f"  speed      start-up {result.first_result_seconds:.1f} s (Ray, actors, model load) · steady {steady} · "
+        f"{result.processed} images in {result.stream_seconds:.1f} s overall ({result.images_per_second:.2f} images/s)"
+    )
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
@@ -50,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job (local Ray, or the cluster in RAY_ADDRESS)")
     _add_job_args(run)
+    run.add_argument("--quiet", action="store_true", help="no progress output while the job runs (the summary still prints)")
     run.add_argument(
         "--force",
         action="store_true",
@@ -84,7 +96,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = load_job(args.job, args.overrides)
     from segbatch.pipeline import run_job
 
-    result = run_job(spec, force=args.force)
+    from segbatch.console import dropping_stderr_lines
+
+    with dropping_stderr_lines() as terminal:
+        result = run_job(spec, force=args.force, progress=None if args.quiet else terminal)
     print(format_summary(result), flush=True)
     return EXIT_FAILED if result.failed_budget else EXIT_OK
 

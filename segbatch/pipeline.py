@@ -18,7 +18,7 @@ import platform
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import pyarrow.compute as pc
@@ -29,6 +29,7 @@ from segbatch.load import load_batch
 from segbatch.models import Predictor, ResolvedWeights, resolve_weights
 from segbatch.models.threads import MAX_STREAMS
 from segbatch.plan import WorkItem, plan_items
+from segbatch.progress import Progress
 from segbatch.retry import call_with_retries
 from segbatch.sinks import Committer, manifest_uri, new_run_id, read_committed, rows_to_table, write_batch
 from segbatch.spec import ComputeSpec, JobSpec
@@ -106,8 +107,26 @@ def _ensure_ray(spec: JobSpec) -> bool:
     # "local" unless told otherwise: never attach by accident to some other Ray running on this machine.
     address = os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, Any] = {"include_dashboard": False} if address == "local" else {}
+    # A new local Ray turns on token auth (its default, which we keep) and warns about it on every run;
+    # the warning asks nothing of a segbatch user, so its logger shows errors only.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **kwargs)
+    _quiet_ray_data()
     return address == "local"
+
+
+def _quiet_ray_data() -> None:
+    """segbatch shows its own progress (:mod:`segbatch.progress`: images against the planned total).
+
+    Ray Data's counts blocks per operator without knowing the total (`Total Progress: 0/?` every
+    10 s in a log), and announces each execution plan at INFO; its warnings still show.
+    """
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Turning the bars off makes Ray Data warn that they are off, once per process.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def _check_resources(spec: JobSpec, started_locally: bool) -> None:
@@ -336,8 +355,11 @@ def build_dataset(
     return ds
 
 
-def run_job(spec: JobSpec, force: bool = False) -> RunResult:
+def run_job(spec: JobSpec, force: bool = False, progress: TextIO | None = None) -> RunResult:
     """Run a job to completion: every listed item ends as exactly one committed row.
+
+    With a `progress` stream, images done against the planned total are shown there while the job
+    streams (:class:`segbatch.progress.Progress`: a bar on a terminal, a line every 10 s elsewhere).
 
     Raises:
         JobError: a job-level problem found before any work started (weights, storage, resources).
@@ -361,6 +383,11 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
         raise JobError(f"input.uri '{spec.input.uri}': not found ({e})") from None
     except Exception as e:  # noqa: BLE001 - any failure to list is a job-level problem, reported in one line
         raise JobError(f"cannot list input.uri '{spec.input.uri}': {type(e).__name__}: {e}") from None
+    if result.listed == 0:
+        raise JobError(
+            f"input.uri '{spec.input.uri}': no images found (looked for files ending in "
+            f"{', '.join('.' + e for e in spec.input.extensions)}); check the path, or set input.extensions"
+        )
     logger.info("planned %d items (%d listed, %d already done)", len(items), result.listed, result.skipped)
 
     constants = {
@@ -395,12 +422,14 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
             logger.info("predict actors: %s, %d torch threads each%s%s", spec.compute.actors, threads, more, split)
             ds = build_dataset(spec, item_rows(items), weights, threads, most, streams)
             arrivals: list[tuple[float, int]] = []  # (time, rows so far): for the steady-state rate
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                arrivals.append((time.time(), (arrivals[-1][1] if arrivals else 0) + len(batch["item_id"])))
-                table = rows_to_table(batch, constants)
-                committer.add(table)
-                if "retries" in batch:
-                    result.retried += int(np.sum(batch["retries"]))
+            with Progress(len(items), stream=progress, quiet=progress is None) as bar:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    arrivals.append((time.time(), (arrivals[-1][1] if arrivals else 0) + len(batch["item_id"])))
+                    table = rows_to_table(batch, constants)
+                    committer.add(table)
+                    bar.update(table.num_rows, errors=int(np.sum(batch["status"] != "ok")))
+                    if "retries" in batch:
+                        result.retried += int(np.sum(batch["retries"]))
             result.steady_images_per_second = _steady_rate(arrivals)
             if arrivals:
                 result.first_result_seconds = arrivals[0][0] - stream_start
