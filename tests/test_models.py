@@ -190,6 +190,32 @@ def test_instance_predictor_equals_the_detector_called_by_hand() -> None:
             assert (ids == 1).sum() == rle_to_mask(got[0]["rle"], h, w).sum()  # the top score is painted whole
 
 
+def test_semantic_resize_masks_come_back_at_input_size(tmp_path: Path) -> None:
+    """With `resize`, the model sees the resized image and its logits are resized back before argmax."""
+    import torchvision.transforms.v2.functional as TF
+
+    from tests.varied import IMAGENET_MEAN, IMAGENET_STD
+
+    model, ckpt = varied_lraspp_checkpoint(tmp_path / "m.pt")
+    rw = resolve_weights(ModelSpec(task="semantic", arch="lraspp_mobilenet_v3_large", weights=str(ckpt), num_classes=4, resize=48))
+    rng = np.random.default_rng(0)
+    images = [np.clip(_gradient(h, w) + rng.integers(0, 60, size=(h, w, 3)), 0, 255).astype(np.uint8) for h, w in [(64, 96), (96, 64), (64, 96)]]
+    expected = []
+    for im in images:
+        x = torch.from_numpy(im).permute(2, 0, 1).float()[None] / 255
+        x = (TF.resize(x, [48], antialias=True) - IMAGENET_MEAN) / IMAGENET_STD
+        with torch.inference_mode():
+            logits = model(x)["out"]
+        expected.append(torch.nn.functional.interpolate(logits, size=im.shape[:2], mode="bilinear", align_corners=False)[0].argmax(0).numpy())
+    assert_varied_labels(expected)
+    out = Predictor("semantic", rw, {"batch_size": 4})(_batch(images))
+    for i, want in enumerate(expected):
+        got = out["label_map"][i]
+        assert got.shape == want.shape, f"image {i}: mask {got.shape}, input {want.shape}"
+        assert (got == want).mean() >= 0.999, f"image {i}: mask differs"
+        assert out["class_pixels"][i].sum() == got.size
+
+
 def test_model_failure_on_one_image_is_an_error_row(tmp_path: Path) -> None:
     ckpt = save_checkpoint(lraspp(), tmp_path / "m.pt")
     pred = _semantic_predictor(ckpt)

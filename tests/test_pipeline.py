@@ -215,6 +215,9 @@ def test_incremental_run_processes_only_new_and_changed(tmp_path: Path) -> None:
     replaced = latest[str(tmp_path / "in" / "img-001.png")]
     assert (replaced["height"], replaced["width"]) == (48, 40)
     assert decode_png_label_map(Path(replaced["mask_uri"]).read_bytes()).shape == (48, 40)
+    for r in latest.values():  # every mask sits at masks/<its own input key>.png
+        key = str(Path(r["uri"]).relative_to(tmp_path / "in"))
+        assert (r["rel_key"], r["mask_uri"]) == (key, str(tmp_path / "out" / "masks" / f"{key}.png")), r["uri"]
 
 
 def test_device_jpeg_decode_gives_the_loader_paths_results(tmp_path: Path) -> None:

@@ -50,12 +50,13 @@ def run(job: Path, *extra: str) -> dict:
     return json.loads(manifests[-1].read_text())
 
 
-def outputs(out: Path) -> dict[str, tuple[str, list[int], np.ndarray]]:
+def outputs(out: Path) -> dict[str, tuple[str, list[int], np.ndarray, str]]:
     rows = read_committed(str(out), {}).to_pylist()
     ids = [r["item_id"] for r in rows]
     assert len(ids) == len(set(ids)), "duplicated rows"
     return {
-        r["item_id"]: (r["status"], r["class_pixels"], decode_png_label_map(Path(r["mask_uri"]).read_bytes()))
+        r["item_id"]: (r["status"], r["class_pixels"], decode_png_label_map(Path(r["mask_uri"]).read_bytes()),
+                       mask_key(out, Path(r["mask_uri"])))
         for r in rows
     }
 
@@ -66,7 +67,7 @@ def clean(workspace: Path) -> dict:
     assert manifest["counts"]["ok"] == N_IMAGES
     masks = outputs(workspace / "clean")
     # Scenes of many sizes and contents: a mask written for the wrong item cannot match by chance.
-    assert_varied_labels([m for _, _, m in masks.values()], min_fraction=0.75)
+    assert_varied_labels([m for _, _, m, _ in masks.values()], min_fraction=0.75)
     return masks
 
 
@@ -121,8 +122,9 @@ def test_kill_then_rerun_equals_clean_run(workspace: Path, clean: dict, moment: 
 
     final = outputs(out)
     assert final.keys() == clean.keys()
-    for item_id, (status, pixels, mask) in final.items():
-        c_status, c_pixels, c_mask = clean[item_id]
+    for item_id, (status, pixels, mask, key) in final.items():
+        c_status, c_pixels, c_mask, c_key = clean[item_id]
+        assert key == c_key, f"{item_id}: mask stored at {key}, the clean run's is at {c_key}"
         assert status == c_status == "ok"
         assert mask.shape == c_mask.shape and (mask == c_mask).mean() >= 0.999, item_id
         assert sum(pixels) == sum(c_pixels) == mask.size

@@ -21,8 +21,8 @@ from PIL import Image
 from tests.conftest import save_checkpoint
 
 LRASPP = "lraspp_mobilenet_v3_large"
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 def varied_lraspp(num_classes: int = 4, seed: int = 0, scale: float = 300.0) -> torch.nn.Module:
@@ -48,7 +48,7 @@ def varied_lraspp_checkpoint(path: Path, num_classes: int = 4) -> tuple[torch.nn
 
 def direct_labels(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
     """The model called by hand on one RGB image (ImageNet normalisation, no resize): its label map."""
-    x = (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - _MEAN) / _STD
+    x = (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - IMAGENET_MEAN) / IMAGENET_STD
     with torch.inference_mode():
         out = model(x[None])
     logits = out["out"] if isinstance(out, dict) else out
