@@ -170,6 +170,38 @@ def ray_baseline(args: argparse.Namespace, small: Path, large: Path, work: Path)
     return (n2 - n1) / (t2 - t1)
 
 
+def compare_tuner(args: argparse.Namespace, images: Path, work: Path, cores: int) -> dict[str, object]:
+    """The runtime thread tuner against the static rule, alternately, on the same job in one process run.
+
+    Tuner: the default layout of a CPU actor on one node (starts with the cores but one, times its first
+    batches, may move to all cores). Static: all cores, one stream per core up to 4, from the first
+    batch (`threads_per_actor` = cores, `streams_per_actor` = min(cores, 4)). Each run is the whole job
+    (N images): images / seconds from stream start to the last result, so the tuner's first batches on
+    the slower layout count. The spread within each mode is the run-to-run noise.
+    """
+    static = [f"compute.threads_per_actor={cores}", f"compute.streams_per_actor={min(cores, 4)}"]
+    load_rows = load_block_rows(
+        ComputeSpec().load_batch_size, args.images, min(cores, 4), args.batch_size
+    )
+    runs: dict[str, list[float]] = {"tuner": [], "static": []}
+    for r in range(max(1, args.repeats)):
+        order = ("tuner", "static") if r % 2 == 0 else ("static", "tuner")
+        for mode in order:
+            extra = args.set + (static if mode == "static" else [])
+            manifest, _, _ = _segbatch_run(argparse.Namespace(**{**vars(args), "set": extra}), images, work, load_rows)
+            runs[mode].append(manifest["counts"]["ok"] / manifest["timing"]["last_result_seconds"])
+    t, s = statistics.median(runs["tuner"]), statistics.median(runs["static"])
+    return {
+        "tuner_ips": [round(v, 3) for v in runs["tuner"]],
+        "static_ips": [round(v, 3) for v in runs["static"]],
+        "tuner_median_ips": round(t, 3),
+        "static_median_ips": round(s, 3),
+        "tuner_over_static": round(t / s, 3),
+        "noise_tuner": round(max(runs["tuner"]) / min(runs["tuner"]) - 1, 3),
+        "noise_static": round(max(runs["static"]) / min(runs["static"]) - 1, 3),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64)
@@ -181,6 +213,10 @@ def main() -> int:
     parser.add_argument("--skip-baselines", action="store_true", help="only model-only and end-to-end")
     parser.add_argument("--repeats", type=int, default=1, help="end-to-end / model-only pairs to alternate (median)")
     parser.add_argument("--set", action="append", default=[], help="extra job overrides for the end-to-end run")
+    parser.add_argument(
+        "--compare-tuner", action="store_true",
+        help="only: the runtime thread tuner vs the static rule, whole runs of N images, alternately (--repeats rounds)",
+    )
     args = parser.parse_args()
     args.task = "instance" if args.arch in INSTANCE_ARCHS or "maskrcnn" in args.arch else "semantic"
     work = Path(args.workdir or tempfile.mkdtemp(prefix="segbatch-bench-"))
@@ -189,6 +225,11 @@ def main() -> int:
     double = work / f"images-{args.height}x{args.width}-{2 * args.images}"
     make_jpegs(double, 2 * args.images, args.height, args.width, seed=1)
     cores = os.cpu_count() or 1
+    if args.compare_tuner:
+        figures = {"arch": args.arch, "images": args.images, "size": f"{args.height}x{args.width}",
+                   "batch_size": args.batch_size, "cores": cores, **compare_tuner(args, images, work, cores)}
+        print(json.dumps(figures))
+        return 0
 
     pred = _predictor(args.task, args.arch, args.batch_size, cores)
     decoded = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
