@@ -184,12 +184,15 @@ def compare_tuner(args: argparse.Namespace, images: Path, work: Path, cores: int
         ComputeSpec().load_batch_size, args.images, min(cores, 4), args.batch_size
     )
     runs: dict[str, list[float]] = {"tuner": [], "static": []}
+    choices: list[str] = []
     for r in range(max(1, args.repeats)):
         order = ("tuner", "static") if r % 2 == 0 else ("static", "tuner")
         for mode in order:
             extra = args.set + (static if mode == "static" else [])
-            manifest, _, _ = _segbatch_run(argparse.Namespace(**{**vars(args), "set": extra}), images, work, load_rows)
+            manifest, _, choice = _segbatch_run(argparse.Namespace(**{**vars(args), "set": extra}), images, work, load_rows)
             runs[mode].append(manifest["counts"]["ok"] / manifest["timing"]["last_result_seconds"])
+            if mode == "tuner":
+                choices.append(str(choice))
     t, s = statistics.median(runs["tuner"]), statistics.median(runs["static"])
     return {
         "tuner_ips": [round(v, 3) for v in runs["tuner"]],
@@ -199,6 +202,7 @@ def compare_tuner(args: argparse.Namespace, images: Path, work: Path, cores: int
         "tuner_over_static": round(t / s, 3),
         "noise_tuner": round(max(runs["tuner"]) / min(runs["tuner"]) - 1, 3),
         "noise_static": round(max(runs["static"]) / min(runs["static"]) - 1, 3),
+        "tuner_choices": choices,
     }
 
 
