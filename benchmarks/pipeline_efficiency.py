@@ -46,9 +46,9 @@ from _common import make_jpegs, run_measured  # noqa: E402
 
 from segbatch.masks import encode_png_label_map  # noqa: E402
 from segbatch.models import Predictor, resolve_weights  # noqa: E402
-from segbatch.models.threads import StreamGate, stream_threads  # noqa: E402
-from segbatch.pipeline import actor_streams, load_block_rows  # noqa: E402
-from segbatch.spec import INSTANCE_ARCHS, ComputeSpec, ModelSpec  # noqa: E402
+from segbatch.layout import ActorLayout, StreamGate, decide_layout, stream_threads  # noqa: E402
+from segbatch.pipeline import load_block_rows  # noqa: E402
+from segbatch.spec import INSTANCE_ARCHS, ComputeSpec, ModelSpec, PredictSettings  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -56,14 +56,15 @@ BIN = Path(sys.executable).parent
 def _predictor(task: str, arch: str, batch_size: int, threads: int) -> Predictor:
     spec = ModelSpec(task=task, arch=arch, weights="none", num_classes=21 if task == "semantic" else 4, batch_size=batch_size)
     torch.set_num_threads(threads)
-    return Predictor(task, resolve_weights(spec), {"batch_size": batch_size, "score_threshold": 0.05}, num_threads=threads)
+    settings = PredictSettings(batch_size=batch_size, score_threshold=0.05)
+    return Predictor(task, resolve_weights(spec), settings, ActorLayout(threads=threads))
 
 
 def model_only(pred: Predictor, images: list[np.ndarray], batch_size: int, streams: int = 1) -> float:
     """Images/s of the predictor's tensor path, its cores split into `streams` concurrent passes.
 
     The passes get their threads from the actor's own gate (:class:`StreamGate`), so the layout is
-    the one a job's CPU actor runs after it moves to all cores.
+    the one a job's CPU actor runs on a one-node CPU pool (:func:`segbatch.layout.decide_layout`).
     """
     run = pred.predict_semantic if pred.task == "semantic" else pred.predict_instance
     threads = torch.get_num_threads()
@@ -87,7 +88,7 @@ def model_only(pred: Predictor, images: list[np.ndarray], batch_size: int, strea
 def model_only_pair(pred: Predictor, images: list[np.ndarray], batch_size: int, cores: int) -> tuple[float, float]:
     """(one pass on all cores, the cores split into concurrent passes as a job's CPU actor splits them) images/s."""
     one_pass = model_only(pred, images, batch_size)
-    streams = actor_streams(ComputeSpec(actors=1), cores) if pred.device.type == "cpu" else 1
+    streams = decide_layout(ComputeSpec(actors=1), cores).streams if pred.device.type == "cpu" else 1
     return one_pass, (model_only(pred, images, batch_size, streams) if streams > 1 else one_pass)
 
 
@@ -127,9 +128,9 @@ def _segbatch_run(args: argparse.Namespace, images: Path, work: Path, load_rows:
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(job))
     done, peak = run_measured([str(BIN / "segbatch"), "run", str(path), *sum((["--set", s] for s in args.set), [])])
-    # A CPU actor on one node logs how many torch threads it settled on (segbatch/models/threads.py).
+    # The driver logs the layout it gave the actors (segbatch/layout.py).
     lines = (done.stdout + done.stderr).splitlines()
-    choice = next((line.split("predict actor: ", 1)[1].strip() for line in lines if "predict actor: " in line), None)
+    choice = next((line.split("predict actors: ", 1)[1].strip() for line in lines if "predict actors: " in line), None)
     return json.loads(next((out / "runs").glob("*.json")).read_text()), peak, choice
 
 
@@ -140,7 +141,7 @@ def end_to_end(args: argparse.Namespace, small: Path, large: Path, work: Path) -
     """
     defaults = ComputeSpec(actors=1)
     load_rows = load_block_rows(
-        defaults.load_batch_size, args.images, actor_streams(defaults, os.cpu_count()), args.batch_size
+        defaults.load_batch_size, args.images, decide_layout(defaults, os.cpu_count()).streams, args.batch_size
     )
     first, _, _ = _segbatch_run(args, small, work, load_rows)
     second, peak, choice = _segbatch_run(args, large, work, load_rows)
@@ -170,42 +171,6 @@ def ray_baseline(args: argparse.Namespace, small: Path, large: Path, work: Path)
     return (n2 - n1) / (t2 - t1)
 
 
-def compare_tuner(args: argparse.Namespace, images: Path, work: Path, cores: int) -> dict[str, object]:
-    """The runtime thread tuner against the static rule, alternately, on the same job in one process run.
-
-    Tuner: the default layout of a CPU actor on one node (starts with the cores but one, times its first
-    batches, may move to all cores). Static: all cores, one stream per core up to 4, from the first
-    batch (`threads_per_actor` = cores, `streams_per_actor` = min(cores, 4)). Each run is the whole job
-    (N images): images / seconds from stream start to the last result, so the tuner's first batches on
-    the slower layout count. The spread within each mode is the run-to-run noise.
-    """
-    static = [f"compute.threads_per_actor={cores}", f"compute.streams_per_actor={min(cores, 4)}"]
-    load_rows = load_block_rows(
-        ComputeSpec().load_batch_size, args.images, min(cores, 4), args.batch_size
-    )
-    runs: dict[str, list[float]] = {"tuner": [], "static": []}
-    choices: list[str] = []
-    for r in range(max(1, args.repeats)):
-        order = ("tuner", "static") if r % 2 == 0 else ("static", "tuner")
-        for mode in order:
-            extra = args.set + (static if mode == "static" else [])
-            manifest, _, choice = _segbatch_run(argparse.Namespace(**{**vars(args), "set": extra}), images, work, load_rows)
-            runs[mode].append(manifest["counts"]["ok"] / manifest["timing"]["last_result_seconds"])
-            if mode == "tuner":
-                choices.append(str(choice))
-    t, s = statistics.median(runs["tuner"]), statistics.median(runs["static"])
-    return {
-        "tuner_ips": [round(v, 3) for v in runs["tuner"]],
-        "static_ips": [round(v, 3) for v in runs["static"]],
-        "tuner_median_ips": round(t, 3),
-        "static_median_ips": round(s, 3),
-        "tuner_over_static": round(t / s, 3),
-        "noise_tuner": round(max(runs["tuner"]) / min(runs["tuner"]) - 1, 3),
-        "noise_static": round(max(runs["static"]) / min(runs["static"]) - 1, 3),
-        "tuner_choices": choices,
-    }
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64)
@@ -217,10 +182,6 @@ def main() -> int:
     parser.add_argument("--skip-baselines", action="store_true", help="only model-only and end-to-end")
     parser.add_argument("--repeats", type=int, default=1, help="end-to-end / model-only pairs to alternate (median)")
     parser.add_argument("--set", action="append", default=[], help="extra job overrides for the end-to-end run")
-    parser.add_argument(
-        "--compare-tuner", action="store_true",
-        help="only: the runtime thread tuner vs the static rule, whole runs of N images, alternately (--repeats rounds)",
-    )
     args = parser.parse_args()
     args.task = "instance" if args.arch in INSTANCE_ARCHS or "maskrcnn" in args.arch else "semantic"
     work = Path(args.workdir or tempfile.mkdtemp(prefix="segbatch-bench-"))
@@ -229,11 +190,6 @@ def main() -> int:
     double = work / f"images-{args.height}x{args.width}-{2 * args.images}"
     make_jpegs(double, 2 * args.images, args.height, args.width, seed=1)
     cores = os.cpu_count() or 1
-    if args.compare_tuner:
-        figures = {"arch": args.arch, "images": args.images, "size": f"{args.height}x{args.width}",
-                   "batch_size": args.batch_size, "cores": cores, **compare_tuner(args, images, work, cores)}
-        print(json.dumps(figures))
-        return 0
 
     pred = _predictor(args.task, args.arch, args.batch_size, cores)
     decoded = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
