@@ -186,7 +186,7 @@ def _manifest_pages(spec: InputSpec, page_rows: int) -> Iterator[list[ListedObje
             entry = str(r["uri"]).strip()
             if "://" not in entry and not entry.startswith("/"):
                 entry = folder + "/" + entry
-            if posixpath.basename(entry).rpartition(".")[2].lower() not in spec.extensions:
+            if entry.rpartition("/")[2].rpartition(".")[2].lower() not in spec.extensions:
                 continue
             version = str(r.get("version") or r.get("etag") or r.get("size") or "")
             page.append(ListedObject(uri=entry, size=int(r.get("size") or 0), version=version))
@@ -204,8 +204,9 @@ class _CommonBase:
     def add(self, uris: list[str]) -> None:
         if not uris:
             return
-        self.schemes.update(protocol_of(u) for u in uris)
-        dirs = [posixpath.dirname(u.split("://", 1)[-1]) for u in uris]
+        folders = {u[: u.rfind("/") + 1] for u in uris}  # a URI's dirname depends only on this part
+        self.schemes.update(protocol_of(f) for f in folders)
+        dirs = [posixpath.dirname(f.split("://", 1)[-1]) for f in folders]
         if self.common is not None:
             dirs.append(self.common)
         absolute = {d.startswith("/") for d in dirs}
