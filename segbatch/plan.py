@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from segbatch.errors import JobError
-from segbatch.outputs import Ledger, hash64, plan_uri
+from segbatch.outputs import Ledger, hash64, plan_uri, sorted_unique
 from segbatch.retry import call_with_retries
 from segbatch.spec import InputSpec
 from segbatch.storage import (
@@ -261,7 +261,7 @@ class _Seen:
         if hashes.size:
             self._runs.append(np.sort(hashes))
         if len(self._runs) > 8:
-            self._runs = [np.sort(np.concatenate(self._runs))]
+            self._runs = [sorted_unique(self._runs)]
 
 
 def plan_pages(
