@@ -35,7 +35,7 @@ EMPTY_LABELS = np.zeros((0, 0), dtype=np.uint8)
 
 
 def _log_to_stderr_in_workers() -> None:
-    """A Ray worker has no logging handlers, so the actor's INFO lines (its thread choice) would vanish;
+    """A Ray worker has no logging handlers, so the actor's INFO and WARNING lines would vanish;
     stderr reaches the driver's console through Ray's log forwarding."""
     package = logging.getLogger("segbatch")
     if not package.handlers and not logging.getLogger().handlers:
