@@ -46,9 +46,9 @@ from _common import make_jpegs, run_measured  # noqa: E402
 
 from segbatch.masks import encode_png_label_map  # noqa: E402
 from segbatch.models import Predictor, resolve_weights  # noqa: E402
-from segbatch.models.threads import StreamGate, stream_threads  # noqa: E402
-from segbatch.pipeline import actor_streams, load_block_rows  # noqa: E402
-from segbatch.spec import INSTANCE_ARCHS, ComputeSpec, ModelSpec  # noqa: E402
+from segbatch.layout import ActorLayout, StreamGate, decide_layout, stream_threads  # noqa: E402
+from segbatch.pipeline import load_block_rows  # noqa: E402
+from segbatch.spec import INSTANCE_ARCHS, ComputeSpec, ModelSpec, PredictSettings  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -56,14 +56,15 @@ BIN = Path(sys.executable).parent
 def _predictor(task: str, arch: str, batch_size: int, threads: int) -> Predictor:
     spec = ModelSpec(task=task, arch=arch, weights="none", num_classes=21 if task == "semantic" else 4, batch_size=batch_size)
     torch.set_num_threads(threads)
-    return Predictor(task, resolve_weights(spec), {"batch_size": batch_size, "score_threshold": 0.05}, num_threads=threads)
+    settings = PredictSettings(batch_size=batch_size, score_threshold=0.05)
+    return Predictor(task, resolve_weights(spec), settings, ActorLayout(threads=threads))
 
 
 def model_only(pred: Predictor, images: list[np.ndarray], batch_size: int, streams: int = 1) -> float:
     """Images/s of the predictor's tensor path, its cores split into `streams` concurrent passes.
 
     The passes get their threads from the actor's own gate (:class:`StreamGate`), so the layout is
-    the one a job's CPU actor runs after it moves to all cores.
+    the one a job's CPU actor runs on a one-node CPU pool (:func:`segbatch.layout.decide_layout`).
     """
     run = pred.predict_semantic if pred.task == "semantic" else pred.predict_instance
     threads = torch.get_num_threads()
@@ -87,7 +88,7 @@ def model_only(pred: Predictor, images: list[np.ndarray], batch_size: int, strea
 def model_only_pair(pred: Predictor, images: list[np.ndarray], batch_size: int, cores: int) -> tuple[float, float]:
     """(one pass on all cores, the cores split into concurrent passes as a job's CPU actor splits them) images/s."""
     one_pass = model_only(pred, images, batch_size)
-    streams = actor_streams(ComputeSpec(actors=1), cores) if pred.device.type == "cpu" else 1
+    streams = decide_layout(ComputeSpec(actors=1), cores).streams if pred.device.type == "cpu" else 1
     return one_pass, (model_only(pred, images, batch_size, streams) if streams > 1 else one_pass)
 
 
@@ -127,9 +128,9 @@ def _segbatch_run(args: argparse.Namespace, images: Path, work: Path, load_rows:
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(job))
     done, peak = run_measured([str(BIN / "segbatch"), "run", str(path), *sum((["--set", s] for s in args.set), [])])
-    # A CPU actor on one node logs how many torch threads it settled on (segbatch/models/threads.py).
+    # The driver logs the layout it gave the actors (segbatch/layout.py).
     lines = (done.stdout + done.stderr).splitlines()
-    choice = next((line.split("predict actor: ", 1)[1].strip() for line in lines if "predict actor: " in line), None)
+    choice = next((line.split("predict actors: ", 1)[1].strip() for line in lines if "predict actors: " in line), None)
     return json.loads(next((out / "runs").glob("*.json")).read_text()), peak, choice
 
 
@@ -140,7 +141,7 @@ def end_to_end(args: argparse.Namespace, small: Path, large: Path, work: Path) -
     """
     defaults = ComputeSpec(actors=1)
     load_rows = load_block_rows(
-        defaults.load_batch_size, args.images, actor_streams(defaults, os.cpu_count()), args.batch_size
+        defaults.load_batch_size, args.images, decide_layout(defaults, os.cpu_count()).streams, args.batch_size
     )
     first, _, _ = _segbatch_run(args, small, work, load_rows)
     second, peak, choice = _segbatch_run(args, large, work, load_rows)

@@ -25,7 +25,8 @@ from _common import make_jpegs  # noqa: E402
 from segbatch.load import decode_image  # noqa: E402
 from segbatch.masks import encode_png_label_map  # noqa: E402
 from segbatch.models import Predictor, resolve_weights  # noqa: E402
-from segbatch.spec import IMAGE_EXTENSIONS, INSTANCE_ARCHS, ModelSpec  # noqa: E402
+from segbatch.layout import ActorLayout  # noqa: E402
+from segbatch.spec import IMAGE_EXTENSIONS, INSTANCE_ARCHS, ModelSpec, PredictSettings  # noqa: E402
 from segbatch.storage import filesystem, list_objects, write_bytes_atomic  # noqa: E402
 
 
@@ -64,7 +65,8 @@ def main() -> int:
     decode_s = time.perf_counter() - t
 
     spec = ModelSpec(task=task, arch=args.arch, weights="none", num_classes=21 if task == "semantic" else 4)
-    pred = Predictor(task, resolve_weights(spec), {"batch_size": args.batch_size, "score_threshold": 0.05}, cores)
+    settings = PredictSettings(batch_size=args.batch_size, score_threshold=0.05)
+    pred = Predictor(task, resolve_weights(spec), settings, ActorLayout(threads=cores))
     run = pred.predict_semantic if task == "semantic" else pred.predict_instance
     run(images[: args.batch_size])  # warm-up
     t = time.perf_counter()

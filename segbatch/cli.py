@@ -1,4 +1,4 @@
-"""`segbatch` command line: run | validate | demo | submit | eval.
+"""`segbatch` command line: run | plan | validate | demo | submit | eval.
 
 Exit codes: 0 the job finished (per-item errors within `run.max_error_fraction`); 1 the job failed
 (a job-level error, or too many item errors: everything is still written); 2 a bad job file or
@@ -10,45 +10,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from segbatch.errors import JobError
 from segbatch.spec import SpecError, add_override_argument, load_job
 from segbatch.submit import add_submit_parser, cmd_submit
 
-__all__ = ["main", "format_summary"]
+__all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def format_summary(result: "RunResult") -> str:  # type: ignore[name-defined]  # noqa: F821
-    """The end-of-run summary a person reads: counts, errors by class, speed, where outputs are."""
-    out = result.output_uri.rstrip("/")
-    errors = ", ".join(f"{k}: {v}" for k, v in result.errors.items()) or "none"
-    verdict = "FAILED (error budget exceeded)" if result.failed_budget else "finished"
-    lines = [
-        f"segbatch: run {result.run_id} {verdict} in {result.wall_seconds:.1f} s",
-        f"  items      listed {result.listed} · skipped {result.skipped} (already done) · "
-        f"processed {result.processed} ({result.new} new, {result.changed} changed) · ok {result.ok} · "
-        f"error {result.error_count} · storage retries {result.retried}",
-        f"  errors     {errors} (fraction {result.error_fraction:.3f}, budget {result.max_error_fraction:.3f})",
-        _speed_line(result),
-        f"  masks      {out}/masks/",
-        f"  metadata   {out}/metadata/*.parquet (errors also in {out}/errors/)",
-        f"  manifest   {result.manifest_uri}",
-    ]
-    return "\n".join(lines)
-
-
-def _speed_line(result: "RunResult") -> str:  # type: ignore[name-defined]  # noqa: F821
-    """Start-up, the steady rate and the whole run apart: on a small job start-up is most of the time."""
-    if not result.processed:
-        return "  speed      nothing to process"
-    steady = f"{result.steady_images_per_second:.2f} images/s" if result.steady_images_per_second else "too few results to measure"
-    return (
-        f"  speed      start-up {result.first_result_seconds:.1f} s (Ray, actors, model load) · steady {steady} · "
-        f"{result.processed} images in {result.stream_seconds:.1f} s overall ({result.images_per_second:.2f} images/s)"
-    )
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
@@ -67,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="redo every item even if the output holds results (earlier parts move to superseded/)",
     )
+    plan = sub.add_parser(
+        "plan", help="list the input and read the output's ledger as `run` would (no Ray, no model): what a run would do"
+    )
+    _add_job_args(plan)
     val = sub.add_parser("validate", help="check a job file without running it")
     _add_job_args(val)
     val.add_argument(
@@ -94,9 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     spec = load_job(args.job, args.overrides)
-    from segbatch.pipeline import run_job
-
     from segbatch.console import dropping_stderr_lines
+    from segbatch.pipeline import run_job
+    from segbatch.result import format_summary
 
     with dropping_stderr_lines() as terminal:
         result = run_job(spec, force=args.force, progress=None if args.quiet else terminal)
@@ -104,15 +79,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if result.failed_budget else EXIT_OK
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Weights are resolved (their digest is part of the fingerprint the ledger is checked against), never built."""
+    spec = load_job(args.job, args.overrides)
+    from segbatch.models.weights import resolve_weights
+    from segbatch.outputs import read_ledger
+    from segbatch.plan import count_plan, listing_errors
+    from segbatch.result import format_plan
+
+    started = time.time()
+    weights = resolve_weights(spec.model)
+    o = spec.output
+    try:
+        ledger = read_ledger(o.uri, o.storage_options, spec.result_fingerprint(weights.sha256))
+    except (JobError, SpecError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a storage problem is one line, exit 1
+        raise JobError(f"cannot read the outputs under output.uri '{o.uri}': {type(e).__name__}: {e}") from None
+    with listing_errors(spec.input.uri):
+        counts = count_plan(spec.input, ledger)
+    print(format_plan(args.job, spec.input.uri, o.uri, counts, time.time() - started), flush=True)
+    return EXIT_OK
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     spec = load_job(args.job, args.overrides)
     line = f"{args.job}: ok ({spec.model.task}, {spec.model.arch or spec.model.weights}, output {spec.output.uri})"
     if args.check_storage:
-        from segbatch.models import resolve_weights
-        from segbatch.plan import plan_items
+        from segbatch.models.weights import resolve_weights
+        from segbatch.plan import count_plan
 
         weights = resolve_weights(spec.model)
-        _, listed, _ = plan_items(spec.input)
+        listed = count_plan(spec.input).listed
         line += f"; weights sha256 {weights.sha256[:12]}; {listed} images listed"
     print(line)
     return EXIT_OK
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        handlers = {"run": _cmd_run, "validate": _cmd_validate, "demo": _cmd_demo, "submit": cmd_submit, "eval": _cmd_eval}
+        handlers = {"run": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate, "demo": _cmd_demo, "submit": cmd_submit, "eval": _cmd_eval}
         return handlers[args.command](args)
     except SpecError as e:
         print(f"segbatch: error: {e}", file=sys.stderr)

@@ -37,7 +37,7 @@ DEMO_SEED = TRAIN_SEEDS.stop
 @dataclass
 class _Outcome:
     task: str
-    result: Any  # pipeline.RunResult
+    result: Any  # segbatch.result.RunResult
     report: dict[str, Any]
     report_uri: str
     found: Counter[str]
@@ -45,10 +45,10 @@ class _Outcome:
 
 def _found(output_uri: str, task: str) -> Counter[str]:
     """What the job found, by class name: pixels share per class (semantic) or objects (instance)."""
-    from segbatch.sinks import read_committed
+    from segbatch.outputs import read_rows
 
     counts: Counter[str] = Counter()
-    for row in read_committed(output_uri, None, ["status", "class_pixels", "instances"]).to_pylist():
+    for row in read_rows(output_uri, None, ["status", "class_pixels", "instances"]).to_pylist():
         if row["status"] != "ok":
             continue
         if task == "instance":
@@ -60,9 +60,9 @@ def _found(output_uri: str, task: str) -> Counter[str]:
 
 
 def _run_one(task: str, job: Path, images: Path, truth: Path, out: Path) -> _Outcome:
-    from segbatch.cli import format_summary
     from segbatch.evaluate import evaluate_output, format_report, write_report
     from segbatch.pipeline import run_job
+    from segbatch.result import format_summary
     from segbatch.spec import load_job
 
     spec = load_job(job, [f"input.uri={images}", f"output.uri={out}"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ERROR_CLASSES", "ItemError", "JobError"]
+__all__ = ["ERROR_CLASSES", "ItemError", "JobError", "first_line"]
 
 #: Error classes an item row may carry (column `error_class`).
 ERROR_CLASSES = (
@@ -28,3 +28,9 @@ class ItemError(Exception):
 
 class JobError(RuntimeError):
     """A problem with the whole job (weights, storage, resources); reported as one line, exit 1."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first message line (error rows and one-line job errors stay one line)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""

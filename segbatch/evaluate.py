@@ -35,11 +35,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from segbatch.errors import JobError
 from segbatch.masks import decode_png_label_map
-from segbatch.sinks import read_committed
+from segbatch.outputs import METADATA, file_metadata, latest_rows, output_classes, read_rows
 from segbatch.storage import filesystem, unstrip, write_bytes_atomic
 
 __all__ = [
@@ -259,31 +258,16 @@ def _norm_key(key: str) -> str:
 
 def _latest_rows(output_uri: str, storage_options: dict[str, Any] | None) -> tuple[str, list[dict[str, Any]], int]:
     """(task, the latest committed row per rel_key, rows read) of an output prefix."""
-    table = read_committed(output_uri, storage_options)
+    table = read_rows(output_uri, storage_options)
     if table.num_rows == 0:
-        raise JobError(f"segbatch eval: no committed metadata under '{output_uri}/metadata/' (has a job run there?)")
+        raise JobError(f"segbatch eval: no committed metadata under '{output_uri}/{METADATA}/' (has a job run there?)")
     tasks = sorted({t for t in table.column("task").to_pylist() if t})
     if len(tasks) != 1:
         raise JobError(f"segbatch eval: expected one task in '{output_uri}', but the rows have {tasks}")
-    rows = table.sort_by([("committed_at", "ascending")]).to_pylist()
     latest: dict[str, dict[str, Any]] = {}
-    for row in rows:
+    for row in latest_rows(table, by="rel_key").to_pylist():
         latest[_norm_key(row["rel_key"] or "")] = row
     return tasks[0], list(latest.values()), table.num_rows
-
-
-def _output_file_metadata(output_uri: str, storage_options: dict[str, Any] | None) -> dict[str, str]:
-    """Key-value metadata of one committed part (class names, task, schema version)."""
-    fs, root = filesystem(output_uri, storage_options)
-    try:
-        parts = sorted(p for p in fs.find(f"{root.rstrip('/')}/metadata") if p.endswith(".parquet"))
-    except FileNotFoundError:
-        return {}
-    if not parts:
-        return {}
-    with fs.open(parts[-1], "rb") as f:
-        meta = pq.read_schema(f).metadata or {}
-    return {k.decode(): v.decode() for k, v in meta.items()}
 
 
 def _read(fs: Any, path: str) -> bytes:
@@ -442,12 +426,7 @@ def evaluate_output(
         JobError: no committed outputs, mixed tasks, or truth missing or unreadable.
     """
     task, rows, n_rows = _latest_rows(output_uri, storage_options)
-    meta = _output_file_metadata(output_uri, storage_options)
-    classes: list[str] = []
-    try:
-        classes = [str(c) for c in json.loads(meta.get("segbatch.classes", "null")) or []]
-    except ValueError:
-        classes = []
+    classes = output_classes(file_metadata(output_uri, storage_options))
     if task == "semantic":
         if not classes:
             classes = ["background"]

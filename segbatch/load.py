@@ -35,7 +35,6 @@ from __future__ import annotations
 import io
 import logging
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +46,8 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from segbatch.errors import ItemError
 from segbatch.retry import Retries, call_with_retries
+from segbatch.rows import RowStatus, object_array
+from segbatch.spec import LoadSettings
 from segbatch.storage import filesystem
 
 __all__ = ["EMPTY_IMAGE", "Loader", "decode_image", "inspect_jpeg", "load_batch", "to_rgb"]
@@ -291,25 +292,22 @@ class Loader:
     """Ray Data stage: a batch of work items → the same rows plus `image` (RGB uint8) or an error.
 
     Output columns added: `image` (HxWx3 uint8; empty for errors), `width`, `height`, `status`,
-    `error_class`, `error`, `retries` (int32: retries spent fetching the item; later stages add theirs),
-    `load_seconds` (float32: this call's CPU time per item).
+    `error_class`, `error`, `retries` (int32: retries spent fetching the item; later stages add theirs).
     With `jpeg_decode="device"` also `jpeg` (the file's bytes, for JPEGs :func:`inspect_jpeg` accepts,
     whose `image` is then left empty for the actor to decode; else b"") and `orientation` (EXIF).
+
+    Args:
+        settings: the job's load settings (:meth:`segbatch.spec.JobSpec.load_settings`); the spec's
+            defaults when omitted.
     """
 
-    def __init__(
-        self,
-        storage_options: dict[str, Any] | None = None,
-        max_pixels: int = 178_956_970,
-        max_bytes: int = 512 * 1024 * 1024,
-        fetch_concurrency: int = 16,
-        jpeg_decode: str = "loader",
-    ) -> None:
-        self.storage_options = storage_options or {}
-        self.jpeg_decode = jpeg_decode
-        self.max_pixels = max_pixels
-        self.max_bytes = max_bytes
-        self.fetch_concurrency = fetch_concurrency
+    def __init__(self, settings: LoadSettings | None = None) -> None:
+        self.settings = settings = settings or LoadSettings()
+        self.storage_options = settings.storage_options
+        self.jpeg_decode = settings.jpeg_decode
+        self.max_pixels = settings.max_pixels
+        self.max_bytes = settings.max_bytes
+        self.fetch_concurrency = settings.fetch_concurrency
 
     def _fetch(self, uris: list[str]) -> list[tuple[bytes | ItemError, int]]:
         """Each object's bytes or its error, with the retries spent; reads stop after `max_bytes + 1` bytes.
@@ -345,13 +343,13 @@ class Loader:
             return list(pool.map(one, uris))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        started = time.process_time()
         uris = [str(u) for u in batch["uri"]]
         sizes = [int(s) for s in batch["size"]]
         plan_errors = [str(e) if e else "" for e in batch["plan_error"]] if "plan_error" in batch else [""] * len(uris)
         to_fetch = [i for i, s in enumerate(sizes) if s <= self.max_bytes and not plan_errors[i]]
         fetched = dict(zip(to_fetch, self._fetch([uris[i] for i in to_fetch])))
-        images, widths, heights, status, classes, errors = [], [], [], [], [], []
+        images, widths, heights = [], [], []
+        rows = RowStatus.all_ok(len(uris))
         jpegs: list[bytes] = [b""] * len(uris)
         orientations = np.ones(len(uris), dtype=np.int8)
         retries = [fetched[i][1] if i in fetched else 0 for i in range(len(uris))]
@@ -380,45 +378,27 @@ class Loader:
                 images.append(EMPTY_IMAGE)
                 widths.append(0)
                 heights.append(0)
-                status.append("error")
-                classes.append(result.error_class)
-                errors.append(result.message)
+                rows.fail(i, result.error_class, result.message)
             else:
                 images.append(result if result.shape[2] else EMPTY_IMAGE)
                 heights.append(result.shape[0])
                 widths.append(result.shape[1])
-                status.append("ok")
-                classes.append("")
-                errors.append("")
         out = {k: v for k, v in batch.items()}
-        out["image"] = _object_array(images)
+        out["image"] = object_array(images)
         out["width"] = np.asarray(widths, dtype=np.int32)
         out["height"] = np.asarray(heights, dtype=np.int32)
-        out["status"] = np.asarray(status, dtype=object)
-        out["error_class"] = np.asarray(classes, dtype=object)
-        out["error"] = np.asarray(errors, dtype=object)
+        rows.into(out)
         out["retries"] = np.asarray(retries, dtype=np.int32)
         if self.jpeg_decode == "device":
             out["jpeg"] = np.asarray(jpegs, dtype=object)
             out["orientation"] = orientations
-        # This call's CPU seconds per item (all its threads; waiting on storage costs no CPU): the CPU
-        # actor weighs its model against it (models/threads.py).
-        out["load_seconds"] = np.full(len(uris), (time.process_time() - started) / max(len(uris), 1), dtype=np.float32)
         return out
 
 
-def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
-    """A 1-D object array of arrays (keeps ragged shapes; numpy would try to stack equal ones)."""
-    out = np.empty(len(arrays), dtype=object)
-    for i, a in enumerate(arrays):
-        out[i] = a
-    return out
-
-
-def load_batch(batch: dict[str, np.ndarray], **options: Any) -> dict[str, Any]:
-    """The load stage as a plain function for Ray Data tasks (options are :class:`Loader`'s).
+def load_batch(batch: dict[str, np.ndarray], settings: LoadSettings) -> dict[str, Any]:
+    """The load stage as a plain function for Ray Data tasks.
 
     It lives here, not in the pipeline module, so a load worker imports Pillow and fsspec but never
     torch: CPU task workers stay small and start fast.
     """
-    return Loader(**options)(batch)
+    return Loader(settings)(batch)

@@ -1,11 +1,11 @@
 """JobSpec → Ray Data stream → committed outputs. The only module that builds Ray Data plans.
 
-    plan (driver)   list input, stable item ids, minus items already committed
-    load  (tasks)   fetch + decode          segbatch.load.load_batch (Loader)
-    predict (actors) model, once per actor  segbatch.models.Predictor
-    write (tasks)   mask artifacts          segbatch.sinks.write_batch (MaskWriter)
-    commit (driver) Parquet ledger parts    segbatch.sinks.Committer
-    finalize        run manifest + summary
+A run goes through four phases, each a function below, handing on one :class:`JobRun`:
+
+    prepare  (driver)  weights, fingerprint, ledger, plan pages   models.weights, outputs, plan
+    stream   (cluster) read plan → load → predict → write → commit  load, models.Predictor, sinks
+    after    (driver)  steps that need every item committed (`after_stream`: e.g. finish a scene)
+    finish   (driver)  counts, timings, run manifest
 """
 
 from __future__ import annotations
@@ -17,82 +17,49 @@ import os
 import platform
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import numpy as np
-import pyarrow.compute as pc
 
 from segbatch import __version__
 from segbatch.errors import JobError
+from segbatch.layout import ActorLayout, decide_layout
 from segbatch.load import load_batch
 from segbatch.models import Predictor, ResolvedWeights, resolve_weights
-from segbatch.models.threads import MAX_STREAMS
-from segbatch.plan import WorkItem, plan_items
+from segbatch.outputs import manifest_uri, read_ledger
 from segbatch.progress import Progress
+from segbatch.plan import PLAN_SCHEMA, Plan, listing_errors, read_plan_block, write_plan
+from segbatch.result import RunResult, result_dict
 from segbatch.retry import call_with_retries
-from segbatch.sinks import Committer, manifest_uri, new_run_id, read_committed, rows_to_table, write_batch
-from segbatch.spec import ComputeSpec, JobSpec
-from segbatch.storage import UnsafeKeyError, filesystem, safe_relative_key, write_bytes_atomic
+from segbatch.sinks import Committer, new_run_id, rows_to_table, write_batch
+from segbatch.spec import JobSpec
+from segbatch.storage import filesystem, write_bytes_atomic
 
-__all__ = ["RunResult", "run_job", "item_rows"]
+__all__ = ["AfterStream", "JobRun", "RunResult", "build_dataset", "load_block_rows", "result_dict", "run_job"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class RunResult:
-    """What a run did; also the `counts`/`timing` part of the run manifest."""
+class JobRun:
+    """One run in progress: what each phase hands the next, and what an after-stream step may read."""
 
+    spec: JobSpec
     run_id: str
-    output_uri: str
-    manifest_uri: str
-    listed: int = 0
-    skipped: int = 0
-    new: int = 0
-    changed: int = 0
-    processed: int = 0
-    retried: int = 0
-    ok: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    wall_seconds: float = 0.0
-    stream_seconds: float = 0.0
-    images_per_second: float = 0.0
-    steady_images_per_second: float = 0.0  # after the first quarter of results: startup excluded
-    first_result_seconds: float = 0.0  # stream start to the first result rows (Ray, actors, model load, fill)
-    last_result_seconds: float = 0.0  # stream start to the last result rows (before the final commit, shutdown)
-    error_fraction: float = 0.0
-    max_error_fraction: float = 0.0
-    weights_sha256: str = ""
-
-    @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
-
-    @property
-    def failed_budget(self) -> bool:
-        return self.error_fraction > self.max_error_fraction
+    started: float
+    result: RunResult
+    weights: ResolvedWeights
+    fingerprint: str
+    plan: Plan
+    committer: Committer
+    layout: ActorLayout | None = None
+    progress: TextIO | None = None  # where images done / total are shown while streaming (None: nowhere)
 
 
-def item_rows(items: list[WorkItem]) -> list[dict[str, Any]]:
-    """Work items → input rows for Ray Data, with the output key checked for safety here."""
-    rows = []
-    for it in items:
-        try:
-            rel_key, plan_error = safe_relative_key(it.uri, it.base), ""
-        except UnsafeKeyError as e:
-            rel_key, plan_error = "", f"{it.uri}: {e}"
-        rows.append(
-            {
-                "item_id": it.item_id,
-                "uri": it.uri,
-                "version": it.version,
-                "size": it.size,
-                "rel_key": rel_key,
-                "plan_error": plan_error,
-            }
-        )
-    return rows
+#: A step run on the driver after the stream, once every planned item is committed (or failed).
+AfterStream = Callable[[JobRun], None]
 
 
 def _ensure_ray(spec: JobSpec) -> bool:
@@ -173,94 +140,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-@dataclass(slots=True)
-class Ledger:
-    """What an output prefix already holds: committed item ids and the URIs they came from."""
-
-    done: set[str]
-    uris: set[str]
-
-
-def _read_ledger(spec: JobSpec, fingerprint: str, force: bool, run_id: str) -> Ledger:
-    """Committed items under the output, refusing results from a different model setup.
-
-    With `force`, earlier parts are moved aside to `superseded/<run_id>/` (never deleted) and
-    everything is redone.
-    """
-    committed = read_committed(
-        spec.output.uri, spec.output.storage_options, columns=["item_id", "uri", "fingerprint"]
-    )
-    if not committed.num_rows:
-        return Ledger(set(), set())
-    if force:
-        _supersede(spec, run_id)
-        return Ledger(set(), set())
-    others = set(pc.unique(committed["fingerprint"]).to_pylist()) - {fingerprint}
-    if others:
-        raise JobError(
-            f"output.uri '{spec.output.uri}' already holds results made with another model, weights or "
-            f"preprocessing (fingerprint {sorted(others)[0]}, this job's is {fingerprint}); "
-            "write to a new output.uri, or pass --force to redo everything (earlier results are kept "
-            "under superseded/)"
-        )
-    return Ledger(set(committed["item_id"].to_pylist()), set(committed["uri"].to_pylist()))
-
-
-def _supersede(spec: JobSpec, run_id: str) -> None:
-    fs, root = filesystem(spec.output.uri, spec.output.storage_options)
-    root = root.rstrip("/")
-    for folder in ("metadata", "errors"):
-        try:
-            parts = [p for p in fs.find(f"{root}/{folder}") if p.endswith(".parquet")]
-        except FileNotFoundError:
-            continue
-        target = f"{root}/superseded/{run_id}/{folder}"
-        fs.makedirs(target, exist_ok=True)
-        for part in parts:
-            fs.mv(part, f"{target}/{part.rsplit('/', 1)[1]}")
-    logger.warning("--force: earlier results moved to %s/superseded/%s/", spec.output.uri.rstrip("/"), run_id)
-
-
-def _shares_one_node(compute: ComputeSpec, one_node_cpus: int | None) -> bool:
-    """A CPU-only pool of fixed size on a one-node Ray, threads not fixed by hand: the actor lays out its own threads."""
-    return bool(
-        one_node_cpus and compute.gpus_per_actor == 0 and isinstance(compute.actors, int) and not compute.threads_per_actor
-    )
-
-
-def actor_threads(compute: ComputeSpec, one_node_cpus: int | None) -> tuple[int, int]:
-    """Torch threads per predict actor: (to start with, the most it may move to).
-
-    `threads_per_actor` when set, else `cpus_per_actor` rounded, both fixed. On a one-node Ray
-    (`one_node_cpus` = its CPUs) a CPU-only pool of fixed size shares the node's cores instead: a
-    1-CPU reservation must not leave a laptop's other cores idle. It starts with the cores but one,
-    which leaves one to load and write, and may move to all of them once its first batches show that
-    loading and writing are a small share of the model's time (:mod:`segbatch.models.threads`).
-    """
-    if compute.threads_per_actor:
-        return compute.threads_per_actor, compute.threads_per_actor
-    base = max(1, round(compute.cpus_per_actor))
-    if _shares_one_node(compute, one_node_cpus):
-        assert one_node_cpus and isinstance(compute.actors, int)
-        start = max(base, (one_node_cpus - 1) // compute.actors)
-        return start, max(start, one_node_cpus // compute.actors)
-    return base, base
-
-
-def actor_streams(compute: ComputeSpec, one_node_cpus: int | None) -> int:
-    """Concurrent forward passes per predict actor (see :mod:`segbatch.models.threads`).
-
-    `streams_per_actor` when set (at most one per torch thread); else one pass per thread (at most
-    `MAX_STREAMS`) where the actor picks its own threads, one pass elsewhere (a GPU, or threads the
-    user fixed).
-    """
-    if compute.streams_per_actor:
-        return min(compute.streams_per_actor, actor_threads(compute, one_node_cpus)[1])
-    if _shares_one_node(compute, one_node_cpus):
-        return min(actor_threads(compute, one_node_cpus)[1], MAX_STREAMS)
-    return 1
-
-
 def load_block_rows(load_batch_size: int, items: int, streams: int, batch_size: int) -> int:
     """Images per load task, which is also per block the predict actor receives.
 
@@ -283,21 +162,46 @@ def _one_node_cpus() -> int | None:
     return int(alive[0]["Resources"].get("CPU", 0)) or None
 
 
-def build_dataset(
-    spec: JobSpec,
-    rows: list[dict[str, Any]],
-    weights: ResolvedWeights,
-    threads: int = 1,
-    most_threads: int | None = None,
-    streams: int = 1,
-) -> Any:
-    """The Ray Data plan: from_items → load (tasks) → predict (actor pool) → write (tasks)."""
+def _plan_dataset(spec: JobSpec, plan: Plan, block_rows: int) -> Any:
+    """The plan pages as a Ray dataset of blocks of `block_rows` rows, one read task each.
+
+    A custom datasource rather than `read_parquet`: Ray reads a Parquet file as one block, and an
+    actor's streams need many small blocks (see :func:`load_block_rows`). Reads go through fsspec with
+    the output's storage_options, like every other read and write.
+    """
+    import functools
+
+    import ray
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    options = spec.output.storage_options
+
+    class PlanSource(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, **_: Any) -> list[ReadTask]:
+            return [
+                ReadTask(
+                    functools.partial(read_plan_block, part, options, start, stop),
+                    BlockMetadata(num_rows=stop - start, size_bytes=None, exec_stats=None, input_files=None),
+                    schema=PLAN_SCHEMA,
+                )
+                for part, start, stop in plan.blocks(block_rows)
+            ]
+
+    return ray.data.read_datasource(PlanSource(), override_num_blocks=len(plan.blocks(block_rows)))
+
+
+def build_dataset(spec: JobSpec, plan: Plan, weights: ResolvedWeights, layout: ActorLayout) -> Any:
+    """The Ray Data plan: plan pages → load (tasks) → predict (actor pool) → write (tasks)."""
     import ray
 
     c, m = spec.compute, spec.model
-    load_rows = load_block_rows(c.load_batch_size, len(rows), streams, m.batch_size)
-    blocks = max(1, min(math.ceil(len(rows) / load_rows), 20_000))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    todo = plan.counts.todo
+    load_rows = load_block_rows(c.load_batch_size, todo, layout.streams, m.batch_size)
+    ds = _plan_dataset(spec, plan, max(load_rows, math.ceil(todo / 20_000)))  # at most ~20k blocks
     ds = ds.map_batches(
         load_batch,
         batch_size=load_rows,
@@ -305,13 +209,7 @@ def build_dataset(
         # A memory request (a real need: decoded batches) also keeps Ray Data from fusing decode into
         # the predict actors, which it does for task→actor maps with equal CPU/GPU requests.
         memory=c.memory_per_loader,
-        fn_kwargs={
-            "storage_options": spec.input.storage_options,
-            "max_pixels": spec.input.max_pixels,
-            "max_bytes": spec.input.max_bytes,
-            "fetch_concurrency": c.fetch_concurrency,
-            "jpeg_decode": c.jpeg_decode,
-        },
+        fn_kwargs={"settings": spec.load_settings()},
     )
     pool = (
         {"size": c.actors} if isinstance(c.actors, int) else {"min_size": c.actors[0], "max_size": c.actors[1]}
@@ -324,138 +222,133 @@ def build_dataset(
         # Concurrent calls into one actor (one model in memory) are its streams; Ray Data runs them on
         # real threads only when asked to (torch releases the GIL in its kernels).
         compute=ray.data.ActorPoolStrategy(
-            **pool, max_concurrent_calls_per_actor=streams, enable_true_multi_threading=streams > 1
+            **pool, max_concurrent_calls_per_actor=layout.streams, enable_true_multi_threading=layout.streams > 1
         ),
         fn_constructor_kwargs={
             "task": m.task,
             "weights": ray.put(weights),
-            "options": {
-                "batch_size": m.batch_size,
-                "score_threshold": m.score_threshold,
-                "mask_threshold": m.mask_threshold,
-                "max_detections": m.max_detections,
-                "precision": m.precision,
-                "instance_png": spec.output.instance_png,
-            },
-            "num_threads": threads,
-            "max_threads": most_threads,  # the actor's tuner does nothing when it is not above `threads`
-            "max_streams": streams,
+            "settings": spec.predict_settings(),
+            "layout": layout,
         },
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         write_batch,
         batch_size=load_rows,  # bundles small predict blocks (batch_size 1 makes 1-row blocks): fewer tasks
         num_cpus=0.25,
-        fn_kwargs={
-            "output_uri": spec.output.uri,
-            "storage_options": spec.output.storage_options,
-            "write_png": m.task == "semantic" or spec.output.instance_png,
-        },
+        fn_kwargs={"output": spec.output, "task": m.task},
     )
-    return ds
 
 
-def run_job(spec: JobSpec, force: bool = False, progress: TextIO | None = None) -> RunResult:
+def run_job(
+    spec: JobSpec, force: bool = False, after_stream: Sequence[AfterStream] = (), progress: TextIO | None = None
+) -> RunResult:
     """Run a job to completion: every listed item ends as exactly one committed row.
 
-    With a `progress` stream, images done against the planned total are shown there while the job
-    streams (:class:`segbatch.progress.Progress`: a bar on a terminal, a line every 10 s elsewhere).
+    Args:
+        spec: The job.
+        force: Redo everything; earlier parts move to `superseded/<run_id>/`.
+        after_stream: Steps run on the driver once the stream is done and committed, before the manifest.
+        progress: Where to show images done against the planned total while the job streams
+            (:class:`segbatch.progress.Progress`: a bar on a terminal, a line every 10 s elsewhere).
 
     Raises:
         JobError: a job-level problem found before any work started (weights, storage, resources).
     """
+    run = _prepare(spec, force)
+    run.progress = progress
+    if run.plan.counts.todo:
+        _stream(run)
+    for step in after_stream:
+        step(run)
+    _finish(run)
+    return run.result
+
+
+def _prepare(spec: JobSpec, force: bool) -> JobRun:
+    """Weights (resolved and verified once), the ledger, and the plan written as pages."""
     started = time.time()
     run_id = new_run_id()
     result = RunResult(run_id=run_id, output_uri=spec.output.uri, manifest_uri=manifest_uri(spec.output.uri, run_id))
     result.max_error_fraction = spec.run.max_error_fraction
-
     weights = resolve_weights(spec.model)
     result.weights_sha256 = weights.sha256
     fingerprint = spec.result_fingerprint(weights.sha256)
-    ledger = _read_ledger(spec, fingerprint, force, run_id)
-    try:
-        items, result.listed, result.skipped = plan_items(spec.input, ledger.done)
-        result.changed = sum(1 for it in items if it.uri in ledger.uris)
-        result.new = len(items) - result.changed
-    except JobError:
-        raise
-    except FileNotFoundError as e:
-        raise JobError(f"input.uri '{spec.input.uri}': not found ({e})") from None
-    except Exception as e:  # noqa: BLE001 - any failure to list is a job-level problem, reported in one line
-        raise JobError(f"cannot list input.uri '{spec.input.uri}': {type(e).__name__}: {e}") from None
-    if result.listed == 0:
+    o = spec.output
+    ledger = read_ledger(o.uri, o.storage_options, fingerprint, force=force, run_id=run_id)
+    with listing_errors(spec.input.uri):
+        plan = write_plan(spec.input, ledger, o.uri, o.storage_options, run_id)
+    del ledger
+    c = plan.counts
+    if c.listed == 0:
         raise JobError(
             f"input.uri '{spec.input.uri}': no images found (looked for files ending in "
             f"{', '.join('.' + e for e in spec.input.extensions)}); check the path, or set input.extensions"
         )
-    logger.info("planned %d items (%d listed, %d already done)", len(items), result.listed, result.skipped)
-
-    constants = {
-        "task": spec.model.task,
-        "model": weights.arch,
-        "weights_sha256": weights.sha256,
-        "fingerprint": fingerprint,
-        "run_id": run_id,
-    }
+    result.listed, result.skipped, result.new, result.changed = c.listed, c.skipped, c.new, c.changed
+    logger.info("planned %d items (%d listed, %d already done)", c.todo, c.listed, c.skipped)
     file_metadata = {
         "segbatch.classes": json.dumps(list(weights.classes) if weights.classes else None),
         "segbatch.task": spec.model.task,
     }
-    committer = Committer(
-        spec.output.uri,
-        spec.output.storage_options,
-        run_id,
-        file_metadata,
-        commit_rows=spec.output.commit_rows,
-        commit_seconds=spec.output.commit_seconds,
-    )
-    stream_start = time.time()
-    if items:
-        started_ray = _ensure_ray(spec)
-        try:
-            _check_resources(spec, started_ray)
-            one_node = _one_node_cpus()
-            threads, most = actor_threads(spec.compute, one_node)
-            streams = actor_streams(spec.compute, one_node)
-            more = f" (up to {most} if the model outweighs the loaders)" if most > threads else ""
-            split = f", split into up to {streams} concurrent forward passes" if streams > 1 else ""
-            logger.info("predict actors: %s, %d torch threads each%s%s", spec.compute.actors, threads, more, split)
-            ds = build_dataset(spec, item_rows(items), weights, threads, most, streams)
-            arrivals: list[tuple[float, int]] = []  # (time, rows so far): for the steady-state rate
-            with Progress(len(items), stream=progress, quiet=progress is None) as bar:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    arrivals.append((time.time(), (arrivals[-1][1] if arrivals else 0) + len(batch["item_id"])))
-                    table = rows_to_table(batch, constants)
-                    committer.add(table)
-                    bar.update(table.num_rows, errors=int(np.sum(batch["status"] != "ok")))
-                    if "retries" in batch:
-                        result.retried += int(np.sum(batch["retries"]))
-            result.steady_images_per_second = _steady_rate(arrivals)
-            if arrivals:
-                result.first_result_seconds = arrivals[0][0] - stream_start
-                result.last_result_seconds = arrivals[-1][0] - stream_start
-        finally:
-            committer.flush()  # also on failure: rows already finished are committed, not lost
-            result.retried += committer.retries.count
-            if started_ray:
-                import ray
+    committer = Committer(o, run_id, file_metadata)
+    return JobRun(spec, run_id, started, result, weights, fingerprint, plan, committer)
 
-                ray.shutdown()
-    result.stream_seconds = time.time() - stream_start
-    counts = Counter(committer.committed_counts)  # rows in the ledger, not rows the driver saw
+
+def _stream(run: JobRun) -> None:
+    """Start (or join) Ray, decide the actor layout, stream the plan through the stages and commit."""
+    spec, result = run.spec, run.result
+    constants = {
+        "task": spec.model.task,
+        "model": run.weights.arch,
+        "weights_sha256": run.weights.sha256,
+        "fingerprint": run.fingerprint,
+        "run_id": run.run_id,
+    }
+    stream_start = time.time()
+    started_ray = _ensure_ray(spec)
+    try:
+        _check_resources(spec, started_ray)
+        run.layout = decide_layout(spec.compute, _one_node_cpus())
+        logger.info("predict actors: %s, %s each", spec.compute.actors, run.layout.describe())
+        ds = build_dataset(spec, run.plan, run.weights, run.layout)
+        arrivals: list[tuple[float, int]] = []  # (time, rows so far): for the steady-state rate
+        with Progress(run.plan.counts.todo, stream=run.progress, quiet=run.progress is None) as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                arrivals.append((time.time(), (arrivals[-1][1] if arrivals else 0) + len(batch["item_id"])))
+                table = rows_to_table(batch, constants)
+                run.committer.add(table)
+                bar.update(table.num_rows, errors=int(np.sum(batch["status"] != "ok")))
+                if "retries" in batch:
+                    result.retried += int(np.sum(batch["retries"]))
+        result.steady_images_per_second = _steady_rate(arrivals)
+        if arrivals:
+            result.first_result_seconds = arrivals[0][0] - stream_start
+            result.last_result_seconds = arrivals[-1][0] - stream_start
+    finally:
+        run.committer.flush()  # also on failure: rows already finished are committed, not lost
+        result.retried += run.committer.retries.count
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        result.stream_seconds = time.time() - stream_start
+
+
+def _finish(run: JobRun) -> None:
+    """Counts, rates and the run manifest."""
+    result = run.result
+    counts = Counter(run.committer.committed_counts)  # rows in the ledger, not rows the driver saw
     result.processed = sum(counts.values())
     result.ok = counts.pop("ok", 0)
     result.errors = dict(sorted(counts.items()))
-    result.wall_seconds = time.time() - started
+    result.wall_seconds = time.time() - run.started
     result.images_per_second = result.processed / result.stream_seconds if result.stream_seconds > 0 else 0.0
     result.error_fraction = result.error_count / result.processed if result.processed else 0.0
-    _write_manifest(spec, result, weights, fingerprint, committer.parts)
-    return result
+    _write_manifest(run)
 
 
-def _write_manifest(
-    spec: JobSpec, result: RunResult, weights: ResolvedWeights, fingerprint: str, parts: list[str]
-) -> None:
+def _write_manifest(run: JobRun) -> None:
+    spec, result, weights = run.spec, run.result, run.weights
     manifest = {
         "run_id": result.run_id,
         "job": spec.redacted(),
@@ -468,7 +361,7 @@ def _write_manifest(
             "num_classes": weights.num_classes,
             "classes": list(weights.classes) if weights.classes else None,
         },
-        "fingerprint": fingerprint,
+        "fingerprint": run.fingerprint,
         "counts": {
             "listed": result.listed,
             "skipped": result.skipped,
@@ -489,13 +382,9 @@ def _write_manifest(
         },
         "error_fraction": result.error_fraction,
         "max_error_fraction": result.max_error_fraction,
-        "metadata_parts": parts,
+        "metadata_parts": run.committer.parts,
+        "plan_parts": run.plan.parts,
     }
     fs, path = filesystem(result.manifest_uri, spec.output.storage_options)
     data = json.dumps(manifest, indent=2).encode()
     call_with_retries(lambda: write_bytes_atomic(fs, path, data), what=f"writing {result.manifest_uri}")
-
-
-def result_dict(result: RunResult) -> dict[str, Any]:
-    """The result as plain data (for `--json` output)."""
-    return asdict(result)

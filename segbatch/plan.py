@@ -1,8 +1,18 @@
-"""Sources → work items with stable ids, minus the items already committed.
+"""Sources → work items with stable ids, minus the items already committed, in pages.
 
 A work item is one image. Its `item_id` is derived from the source URI and the object's version
 (etag, or size+mtime), so the same object always gets the same id: resume and incremental runs are
 a set difference, and a changed object is new work.
+
+Planning streams: the input is listed in pages of :data:`PAGE_ROWS` objects (a Parquet manifest by
+its row batches, text and CSV manifests line by line; a prefix or glob is one fsspec listing, then
+paged), each page loses the ids the ledger holds (sorted 64-bit hashes, :class:`segbatch.outputs.Ledger`)
+and the ids seen on earlier pages, and what is left becomes one table in :data:`PLAN_SCHEMA`: the
+rows Ray Data reads (`runs/<run_id>/plan/part-<seq>.parquet`, :func:`write_plan`). No list of every
+item is ever built on the driver.
+
+Output-key safety is checked here too: a key that would climb out of the output prefix becomes a row
+with `plan_error` set (an `unsafe_key` error row later), never a write.
 """
 
 from __future__ import annotations
@@ -11,28 +21,114 @@ import csv
 import hashlib
 import io
 import posixpath
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from segbatch.errors import JobError
+from segbatch.outputs import Ledger, hash64, plan_uri, sorted_unique
+from segbatch.retry import call_with_retries
 from segbatch.spec import InputSpec
-from segbatch.storage import ListedObject, filesystem, list_objects, protocol_of, read_bytes, unstrip
+from segbatch.storage import (
+    ListedObject,
+    UnsafeKeyError,
+    filesystem,
+    list_objects,
+    protocol_of,
+    safe_relative_key,
+    unstrip,
+    write_bytes_atomic,
+)
 
-__all__ = ["WorkItem", "item_id_for", "plan_items", "read_manifest"]
+__all__ = [
+    "PAGE_ROWS",
+    "PLAN_SCHEMA",
+    "Plan",
+    "PlanCounts",
+    "WorkItem",
+    "count_plan",
+    "item_id_for",
+    "listing_errors",
+    "plan_items",
+    "plan_pages",
+    "read_plan_block",
+    "write_plan",
+]
 
 _MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
+
+#: Objects per planning page (and per plan file): bounds the driver's memory while planning.
+PAGE_ROWS = 100_000
+#: Rows per Parquet row group of a plan file: a load task's block is read as the groups it overlaps.
+PLAN_GROUP_ROWS = 1024
+
+#: The plan's rows: what Ray Data reads and the load stage receives.
+PLAN_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("uri", pa.string()),
+        ("version", pa.string()),
+        ("size", pa.int64()),
+        ("rel_key", pa.string()),
+        ("plan_error", pa.string()),
+    ]
+)
 
 
 @dataclass(slots=True, frozen=True)
 class WorkItem:
-    """One image to segment. `base` is the prefix its output key is made relative to."""
+    """One image to segment: one row of :data:`PLAN_SCHEMA`.
+
+    `rel_key` is its output key (relative to the input's base, checked for safety), or "" with
+    `plan_error` saying why the key was refused.
+    """
 
     item_id: str
     uri: str
-    base: str
-    size: int
     version: str
+    size: int
+    rel_key: str
+    plan_error: str
+
+
+@dataclass(slots=True)
+class PlanCounts:
+    """What planning found: `listed` unique objects, of which `skipped` already done, `new` never
+    committed before, `changed` committed before in another version."""
+
+    listed: int = 0
+    skipped: int = 0
+    new: int = 0
+    changed: int = 0
+
+    @property
+    def todo(self) -> int:
+        return self.new + self.changed
+
+
+@dataclass(slots=True)
+class Plan:
+    """A written plan: its counts, the URIs of its pages (none when there is nothing to do) and their rows."""
+
+    counts: PlanCounts
+    uri: str
+    parts: list[str] = field(default_factory=list)
+    part_rows: list[int] = field(default_factory=list)
+
+    def blocks(self, block_rows: int) -> list[tuple[str, int, int]]:
+        """(part URI, first row, end row) ranges of at most `block_rows` rows, never across parts.
+
+        Example:
+            >>> Plan(PlanCounts(), "p", ["a", "b"], [5, 2]).blocks(2)
+            [('a', 0, 2), ('a', 2, 4), ('a', 4, 5), ('b', 0, 2)]
+        """
+        step = max(1, block_rows)
+        return [(p, a, min(a + step, n)) for p, n in zip(self.parts, self.part_rows) for a in range(0, n, step)]
 
 
 def item_id_for(uri: str, version: str) -> str:
@@ -44,68 +140,265 @@ def _is_manifest(uri: str) -> bool:
     return uri.lower().endswith(_MANIFEST_SUFFIXES) and not any(ch in uri for ch in "*?[")
 
 
-def read_manifest(uri: str, storage_options: dict[str, Any] | None) -> list[ListedObject]:
-    """Read a .txt / .csv / .parquet manifest of image URIs.
+# --- listing, in pages --------------------------------------------------------------------------
 
-    Relative entries are resolved against the manifest's folder. Optional `size` and `version`
-    (or `etag`) columns are used as the object's version; without them the URI alone identifies it.
-    """
+
+def _manifest_records(uri: str, storage_options: dict[str, Any] | None, page_rows: int) -> Iterator[list[dict[str, Any]]]:
+    """A manifest's records (dicts with `uri` and optional `size`, `version`, `etag`), a page at a time."""
     fs, path = filesystem(uri, storage_options)
-    raw = read_bytes(uri, storage_options)
     lower = uri.lower()
-    rows: list[dict[str, Any]]
-    if lower.endswith(".txt"):
-        rows = [{"uri": line.strip()} for line in raw.decode("utf-8").splitlines()]
-        rows = [r for r in rows if r["uri"] and not r["uri"].startswith("#")]
-    elif lower.endswith(".csv"):
-        rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
-    else:
-        rows = pq.read_table(io.BytesIO(raw)).to_pylist()
-    if rows and "uri" not in rows[0]:
-        raise ValueError(f"manifest '{uri}' expected a 'uri' column, but got columns {sorted(rows[0])}")
-    folder = unstrip(fs, posixpath.dirname(path))
-    out = []
-    for r in rows:
-        entry = str(r["uri"]).strip()
-        if "://" not in entry and not entry.startswith("/"):
-            entry = folder.rstrip("/") + "/" + entry
-        version = str(r.get("version") or r.get("etag") or r.get("size") or "")
-        out.append(ListedObject(uri=entry, size=int(r.get("size") or 0), version=version))
-    return out
+    with call_with_retries(lambda: fs.open(path, "rb"), what=f"opening {uri}") as f:
+        if lower.endswith(".parquet"):
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            if "uri" not in names:
+                raise ValueError(f"manifest '{uri}' expected a 'uri' column, but got columns {sorted(names)}")
+            wanted = [c for c in ("uri", "size", "version", "etag") if c in names]
+            for batch in pf.iter_batches(batch_size=page_rows, columns=wanted):
+                yield batch.to_pylist()
+            return
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="" if lower.endswith(".csv") else None)
+        records: Iterator[dict[str, Any]]
+        if lower.endswith(".csv"):
+            reader = csv.DictReader(text)
+            if reader.fieldnames is not None and "uri" not in reader.fieldnames:
+                raise ValueError(f"manifest '{uri}' expected a 'uri' column, but got columns {sorted(reader.fieldnames)}")
+            records = iter(reader)
+        else:
+            records = ({"uri": s} for s in (line.strip() for line in text) if s and not s.startswith("#"))
+        page: list[dict[str, Any]] = []
+        for r in records:
+            page.append(r)
+            if len(page) >= page_rows:
+                yield page
+                page = []
+        if page:
+            yield page
+
+
+def _manifest_pages(spec: InputSpec, page_rows: int) -> Iterator[list[ListedObject]]:
+    """A manifest's image entries as objects, relative entries resolved against its folder."""
+    fs, path = filesystem(spec.uri, spec.storage_options)
+    folder = unstrip(fs, posixpath.dirname(path)).rstrip("/")
+    for records in _manifest_records(spec.uri, spec.storage_options, page_rows):
+        page = []
+        for r in records:
+            entry = str(r["uri"]).strip()
+            if "://" not in entry and not entry.startswith("/"):
+                entry = folder + "/" + entry
+            if entry.rpartition("/")[2].rpartition(".")[2].lower() not in spec.extensions:
+                continue
+            version = str(r.get("version") or r.get("etag") or r.get("size") or "")
+            page.append(ListedObject(uri=entry, size=int(r.get("size") or 0), version=version))
+        yield page
+
+
+class _CommonBase:
+    """The deepest folder shared by all URIs seen (same scheme), so manifest outputs mirror their layout."""
+
+    def __init__(self) -> None:
+        self.schemes: set[str] = set()
+        self.common: str | None = None
+        self.mixed = False  # absolute and relative paths: no common folder
+
+    def add(self, uris: list[str]) -> None:
+        if not uris:
+            return
+        folders = {u[: u.rfind("/") + 1] for u in uris}  # a URI's dirname depends only on this part
+        self.schemes.update(protocol_of(f) for f in folders)
+        dirs = [posixpath.dirname(f.split("://", 1)[-1]) for f in folders]
+        if self.common is not None:
+            dirs.append(self.common)
+        absolute = {d.startswith("/") for d in dirs}
+        if len(absolute) > 1:
+            self.mixed = True
+        if not self.mixed:
+            self.common = posixpath.commonpath(dirs)
+
+    @property
+    def base(self) -> str:
+        if not self.schemes or len(self.schemes) > 1:
+            return ""
+        common = "" if self.mixed else self.common or ""
+        scheme = next(iter(self.schemes))
+        return common if scheme == "file" else f"{scheme}://{common}"
+
+
+def _listed_pages(spec: InputSpec, page_rows: int) -> tuple[str, Iterator[list[ListedObject]]]:
+    """(the base URI output keys are relative to, the listed objects a page at a time).
+
+    A manifest is read twice: once for the base (keys need the base of all entries), once for the pages.
+    """
+    if _is_manifest(spec.uri):
+        tracker = _CommonBase()
+        for page in _manifest_pages(spec, page_rows):
+            tracker.add([o.uri for o in page])
+        return tracker.base, _manifest_pages(spec, page_rows)
+    objects, base = list_objects(spec.uri, spec.storage_options, spec.extensions)
+    return base, (objects[i : i + page_rows] for i in range(0, len(objects), page_rows))
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+class _Seen:
+    """Hashes of the item ids planned so far (duplicates in a manifest are planned once).
+
+    Sorted runs, merged when they pile up: lookups stay O(log n) per id, memory 8 bytes an id.
+    """
+
+    def __init__(self) -> None:
+        self._runs: list[np.ndarray] = []
+
+    def mask(self, hashes: np.ndarray) -> np.ndarray:
+        found = np.zeros(hashes.size, dtype=bool)
+        for run in self._runs:
+            idx = np.minimum(np.searchsorted(run, hashes), run.size - 1)
+            found |= run[idx] == hashes
+        return found
+
+    def add(self, hashes: np.ndarray) -> None:
+        if hashes.size:
+            self._runs.append(np.sort(hashes))
+        if len(self._runs) > 8:
+            self._runs = [sorted_unique(self._runs)]
+
+
+def plan_pages(
+    spec: InputSpec, ledger: Ledger | None = None, counts: PlanCounts | None = None, page_rows: int = PAGE_ROWS
+) -> Iterator[pa.Table]:
+    """List the input and yield the work still to do, a page at a time, as tables in :data:`PLAN_SCHEMA`.
+
+    Args:
+        spec: The job's `input` section.
+        ledger: What the output already holds (:func:`segbatch.outputs.read_ledger`); empty if None.
+        counts: Updated as pages are planned (listed, skipped, new, changed).
+        page_rows: Objects listed per page.
+
+    Raises:
+        FileNotFoundError, ValueError, OSError: listing problems (see :func:`listing_errors`).
+    """
+    ledger = ledger if ledger is not None else Ledger.empty()
+    counts = counts if counts is not None else PlanCounts()
+    seen = _Seen()
+    base, pages = _listed_pages(spec, page_rows)
+    for page in pages:
+        if not page:
+            continue
+        ids = [item_id_for(o.uri, o.version) for o in page]
+        hashes = hash64(ids)
+        _, first = np.unique(hashes, return_index=True)  # the first of duplicates within the page
+        keep = np.zeros(len(page), dtype=bool)
+        keep[first] = True
+        keep &= ~seen.mask(hashes)
+        seen.add(hashes[keep])
+        counts.listed += int(keep.sum())
+        done = ledger.has_items(hashes)
+        counts.skipped += int((keep & done).sum())
+        todo = np.flatnonzero(keep & ~done)
+        if not todo.size:
+            continue
+        changed = ledger.had_uris(hash64([page[i].uri for i in todo]))
+        counts.changed += int(changed.sum())
+        counts.new += int(todo.size - changed.sum())
+        rel_keys, errors = [], []
+        for i in todo:
+            try:
+                rel_keys.append(safe_relative_key(page[i].uri, base))
+                errors.append("")
+            except UnsafeKeyError as e:
+                rel_keys.append("")
+                errors.append(f"{page[i].uri}: {e}")
+        yield pa.table(
+            {
+                "item_id": [ids[i] for i in todo],
+                "uri": [page[i].uri for i in todo],
+                "version": [page[i].version for i in todo],
+                "size": [page[i].size for i in todo],
+                "rel_key": rel_keys,
+                "plan_error": errors,
+            },
+            schema=PLAN_SCHEMA,
+        )
+
+
+def write_plan(
+    spec: InputSpec,
+    ledger: Ledger,
+    output_uri: str,
+    output_options: dict[str, Any] | None,
+    run_id: str,
+    page_rows: int = PAGE_ROWS,
+) -> Plan:
+    """Plan the input and write its pages to `<output>/runs/<run_id>/plan/part-<seq>.parquet` (whole files).
+
+    The pages are what Ray Data reads (`ray.data.read_parquet`), and they leave the run's plan open
+    to inspection afterwards.
+    """
+    fs, _ = filesystem(output_uri, output_options)
+    folder = plan_uri(output_uri, run_id)
+    _, folder_path = filesystem(folder, output_options)
+    plan = Plan(PlanCounts(), folder)
+    for seq, table in enumerate(plan_pages(spec, ledger, plan.counts, page_rows)):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", row_group_size=PLAN_GROUP_ROWS)
+        data = sink.getvalue().to_pybytes()
+        path = f"{folder_path.rstrip('/')}/part-{seq:05d}.parquet"
+        call_with_retries(lambda: write_bytes_atomic(fs, path, data), what=f"writing {unstrip(fs, path)}")  # noqa: B023
+        plan.parts.append(unstrip(fs, path))
+        plan.part_rows.append(table.num_rows)
+    return plan
+
+
+def read_plan_block(part_uri: str, storage_options: dict[str, Any] | None, start: int, stop: int) -> list[pa.Table]:
+    """Rows `[start, stop)` of one plan page: a block for Ray Data (reads only the row groups it overlaps).
+
+    Lives here, not in the pipeline module, so the read tasks never import torch.
+    """
+    fs, path = filesystem(part_uri, storage_options)
+
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            groups, first, offset = [], 0, 0
+            for g in range(pf.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                if offset + n > start and offset < stop:
+                    first = offset if not groups else first
+                    groups.append(g)
+                offset += n
+            return pf.read_row_groups(groups).slice(start - first, stop - start)
+
+    return [call_with_retries(read, what=f"reading {part_uri}")]
+
+
+def count_plan(spec: InputSpec, ledger: Ledger | None = None, page_rows: int = PAGE_ROWS) -> PlanCounts:
+    """Plan the input without writing anything: only the counts (`segbatch plan`, `validate --check-storage`)."""
+    counts = PlanCounts()
+    for _ in plan_pages(spec, ledger, counts, page_rows):
+        pass
+    return counts
 
 
 def plan_items(spec: InputSpec, done: set[str] | frozenset[str] = frozenset()) -> tuple[list[WorkItem], int, int]:
-    """List the input and turn it into work items, leaving out those in `done`.
+    """The plan of a small input as a list of work items, leaving out the ids in `done`.
 
     Returns:
         (items to process, number listed, number skipped as already done).
     """
-    if _is_manifest(spec.uri):
-        objects = read_manifest(spec.uri, spec.storage_options)
-        objects = [o for o in objects if posixpath.basename(o.uri).rpartition(".")[2].lower() in spec.extensions]
-        base = _common_base([o.uri for o in objects])
-    else:
-        objects, base = list_objects(spec.uri, spec.storage_options, spec.extensions)
-    items = []
-    seen: set[str] = set()
-    for o in objects:
-        iid = item_id_for(o.uri, o.version)
-        if iid in seen:
-            continue
-        seen.add(iid)
-        items.append(WorkItem(item_id=iid, uri=o.uri, base=base, size=o.size, version=o.version))
-    todo = [it for it in items if it.item_id not in done]
-    return todo, len(items), len(items) - len(todo)
+    counts = PlanCounts()
+    items = [WorkItem(**row) for table in plan_pages(spec, Ledger.of(done), counts) for row in table.to_pylist()]
+    return items, counts.listed, counts.skipped
 
 
-def _common_base(uris: list[str]) -> str:
-    """The deepest folder shared by all URIs (same scheme), so manifest outputs mirror their layout."""
-    if not uris:
-        return ""
-    schemes = {protocol_of(u) for u in uris}
-    if len(schemes) > 1:
-        return ""
-    dirs = [posixpath.dirname(u.split("://", 1)[-1]) for u in uris]
-    common = posixpath.commonpath(dirs) if all(d.startswith("/") for d in dirs) or not any(d.startswith("/") for d in dirs) else ""
-    scheme = schemes.pop()
-    return common if scheme == "file" else f"{scheme}://{common}"
+@contextmanager
+def listing_errors(uri: str) -> Iterator[None]:
+    """Turn a failure to list `uri` into a one-line :class:`JobError`."""
+    try:
+        yield
+    except JobError:
+        raise
+    except FileNotFoundError as e:
+        raise JobError(f"input.uri '{uri}': not found ({e})") from None
+    except Exception as e:  # noqa: BLE001 - any failure to list is a job-level problem, reported in one line
+        raise JobError(f"cannot list input.uri '{uri}': {type(e).__name__}: {e}") from None

@@ -21,63 +21,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pycocotools import mask as mask_util
 
 from segbatch.masks import encode_png_label_map
+from segbatch.outputs import ERRORS, MASKS, METADATA, METADATA_SCHEMA, SCHEMA_VERSION
 from segbatch.retry import Retries, call_with_retries
-from segbatch.storage import filesystem, join_uri, unstrip, write_bytes_atomic
+from segbatch.rows import RowStatus
+from segbatch.spec import OutputSpec
+from segbatch.storage import filesystem, unstrip, write_bytes_atomic
 
 __all__ = [
-    "SCHEMA_VERSION",
-    "METADATA_SCHEMA",
     "Committer",
     "MaskWriter",
-    "read_committed",
+    "new_run_id",
     "rows_to_table",
     "write_batch",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Bumped whenever a column is added, removed or changes meaning (stored in each file's metadata).
-#: 2: an instance's `bbox` is its mask's tight box (it was the detector's, now `detector_bbox`).
-SCHEMA_VERSION = "2"
-
-INSTANCE_TYPE = pa.struct(
-    [
-        ("label", pa.int32()),
-        ("score", pa.float32()),
-        ("bbox", pa.list_(pa.float32(), 4)),
-        ("area", pa.int64()),
-        ("rle", pa.string()),
-        ("detector_bbox", pa.list_(pa.float32(), 4)),
-    ]
-)
-
-METADATA_SCHEMA = pa.schema(
-    [
-        ("item_id", pa.string()),
-        ("uri", pa.string()),
-        ("version", pa.string()),
-        ("rel_key", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("status", pa.string()),
-        ("error_class", pa.string()),
-        ("error", pa.string()),
-        ("mask_uri", pa.string()),
-        ("task", pa.string()),
-        ("model", pa.string()),
-        ("weights_sha256", pa.string()),
-        ("fingerprint", pa.string()),
-        ("run_id", pa.string()),
-        ("class_pixels", pa.list_(pa.int64())),
-        ("num_instances", pa.int32()),
-        ("instances", pa.list_(INSTANCE_TYPE)),
-        ("committed_at", pa.timestamp("ms", tz="UTC")),
-    ]
-)
-
 
 class MaskWriter:
     """Ray Data stage: store each row's mask, replace the pixels with `mask_uri`.
@@ -86,27 +46,30 @@ class MaskWriter:
     `output.instance_png` is set (their masks travel as RLE in the metadata). Transient storage
     faults are retried (:func:`segbatch.retry.call_with_retries`); the retries spent on a row's mask
     are added to its `retries` column (created, as zeros, when the batch has none).
+
+    Args:
+        output: the job's `output` section.
+        task: the job's `model.task`.
+        threads: concurrent mask writes within one call.
     """
 
-    def __init__(self, output_uri: str, storage_options: dict[str, Any] | None, write_png: bool, threads: int = 8) -> None:
-        self.output_uri = output_uri
-        self.storage_options = storage_options or {}
-        self.write_png = write_png
+    def __init__(self, output: OutputSpec, task: str, threads: int = 8) -> None:
+        self.output_uri = output.uri
+        self.storage_options = output.storage_options
+        self.write_png = task == "semantic" or output.instance_png
         self.threads = threads
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         fs, root = filesystem(self.output_uri, self.storage_options)
         root = root.rstrip("/")
         n = len(batch["item_id"])
-        status = [str(s) for s in batch["status"]]
-        error_class = [str(s) for s in batch["error_class"]]
-        error = [str(s) for s in batch["error"]]
+        rows = RowStatus.of(batch)
         mask_uri = [""] * n
         jobs: list[tuple[int, str, np.ndarray]] = []
         if self.write_png:
             for i in range(n):
-                if status[i] == "ok" and batch["label_map"][i].size:
-                    path = f"{root}/masks/{batch['rel_key'][i]}.png"
+                if rows.ok(i) and batch["label_map"][i].size:
+                    path = f"{root}/{MASKS}/{batch['rel_key'][i]}.png"
                     jobs.append((i, path, batch["label_map"][i]))
 
         retries = [int(r) for r in batch["retries"]] if "retries" in batch else [0] * n
@@ -128,26 +91,22 @@ class MaskWriter:
                     if exc is None:
                         mask_uri[i] = unstrip(fs, path)
                     else:
-                        status[i], error_class[i] = "error", "write_failed"
                         after = f" after {spent} retries" if spent else ""
-                        error[i] = (
-                            f"{batch['uri'][i]}: cannot write mask {unstrip(fs, path)}{after}: {type(exc).__name__}: {exc}"
-                        )
+                        message = f"{batch['uri'][i]}: cannot write mask {unstrip(fs, path)}{after}: {type(exc).__name__}: {exc}"
+                        rows.fail(i, "write_failed", message)
         out = {k: v for k, v in batch.items() if k not in ("label_map", "image")}
         out["retries"] = np.asarray(retries, dtype=np.int32)
-        out["status"] = np.asarray(status, dtype=object)
-        out["error_class"] = np.asarray(error_class, dtype=object)
-        out["error"] = np.asarray(error, dtype=object)
+        rows.into(out)
         out["mask_uri"] = np.asarray(mask_uri, dtype=object)
         return out
 
 
-def write_batch(batch: dict[str, np.ndarray], **options: Any) -> dict[str, Any]:
-    """The write stage as a plain function for Ray Data tasks (options are :class:`MaskWriter`'s).
+def write_batch(batch: dict[str, np.ndarray], output: OutputSpec, task: str) -> dict[str, Any]:
+    """The write stage as a plain function for Ray Data tasks (arguments as :class:`MaskWriter`'s).
 
     Defined here rather than in the pipeline module so write workers never import torch.
     """
-    return MaskWriter(**options)(batch)
+    return MaskWriter(output, task)(batch)
 
 
 def rows_to_table(batch: dict[str, Any], constants: dict[str, str]) -> pa.Table:
@@ -202,23 +161,20 @@ class Committer:
     Parts are named `part-<run_id>-<seq>.parquet`, so runs never overwrite each other's ledger and a
     killed run leaves only whole parts behind. Error rows are also written to `errors/` (the same
     rows, for people who only want the failures).
+
+    Args:
+        output: the job's `output` section (where, and `commit_rows` / `commit_seconds`).
+        run_id: names the parts.
+        file_metadata: key-value metadata stored in every part (`segbatch.task`, `segbatch.classes`).
     """
 
-    def __init__(
-        self,
-        output_uri: str,
-        storage_options: dict[str, Any] | None,
-        run_id: str,
-        file_metadata: dict[str, str],
-        commit_rows: int = 1000,
-        commit_seconds: float = 30.0,
-    ) -> None:
-        self.fs, root = filesystem(output_uri, storage_options)
+    def __init__(self, output: OutputSpec, run_id: str, file_metadata: dict[str, str]) -> None:
+        self.fs, root = filesystem(output.uri, output.storage_options)
         self.root = root.rstrip("/")
         self.run_id = run_id
         self.file_metadata = {"segbatch.schema_version": SCHEMA_VERSION, **file_metadata}
-        self.commit_rows = commit_rows
-        self.commit_seconds = commit_seconds
+        self.commit_rows = output.commit_rows
+        self.commit_seconds = output.commit_seconds
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._last_commit = time.monotonic()
@@ -260,8 +216,8 @@ class Committer:
         table = pa.concat_tables(self._pending)
         errors = table.filter(pc.equal(table["status"], "error"))
         if errors.num_rows:
-            self._write("errors", errors)
-        self.parts.append(unstrip(self.fs, self._write("metadata", table)))
+            self._write(ERRORS, errors)
+        self.parts.append(unstrip(self.fs, self._write(METADATA, table)))
         self.committed_rows += table.num_rows
         outcomes = pc.if_else(pc.equal(table["status"], "ok"), "ok", pc.fill_null(table["error_class"], "error"))
         self.committed_counts.update(outcomes.to_pylist())
@@ -270,59 +226,9 @@ class Committer:
         self._last_commit = time.monotonic()
 
 
-def read_committed(output_uri: str, storage_options: dict[str, Any] | None, columns: list[str] | None = None) -> pa.Table:
-    """All committed metadata rows under an output prefix (empty table when there are none)."""
-    fs, root = filesystem(output_uri, storage_options)
-    folder = f"{root.rstrip('/')}/metadata"
-    try:
-        found = call_with_retries(lambda: fs.find(folder), what=f"listing {unstrip(fs, folder)}")
-        paths = sorted(p for p in found if p.endswith(".parquet"))
-    except FileNotFoundError:
-        paths = []
-    fields = [METADATA_SCHEMA.field(c) for c in columns] if columns else list(METADATA_SCHEMA)
-    schema = pa.schema(fields)
-    tables = []
-
-    wanted = columns if columns is None or "instances" not in columns else sorted({*columns, "height", "width"})
-
-    def read_part(path: str) -> pa.Table:
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=wanted)
-
-    for p in paths:
-        t = call_with_retries(lambda: read_part(p), what=f"reading {unstrip(fs, p)}")  # noqa: B023 - called at once
-        if (t.schema.metadata or {}).get(b"segbatch.schema_version", b"1") == b"1" and "instances" in schema.names:
-            t = _instances_from_v1(t)
-        tables.append(t.select(schema.names).cast(schema))
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
-def _instances_from_v1(table: pa.Table) -> pa.Table:
-    """Version 1 parts stored the detector's box as `bbox`: it becomes `detector_bbox`, and `bbox` the
-    mask's own box (from its RLE), so old outputs read as new ones (resume, eval, exports)."""
-    rows = table.select(["height", "width", "instances"]).to_pylist()
-    upgraded = []
-    for row in rows:
-        instances = row["instances"]
-        if instances is not None:
-            size = [int(row["height"]), int(row["width"])]
-            instances = [
-                {
-                    **inst,
-                    "detector_bbox": inst["bbox"],
-                    "bbox": [float(v) for v in mask_util.toBbox({"size": size, "counts": inst["rle"].encode()})],
-                }
-                for inst in instances
-            ]
-        upgraded.append(instances)
-    index = table.schema.get_field_index("instances")
-    return table.set_column(index, "instances", pa.array(upgraded, type=pa.list_(INSTANCE_TYPE)))
-
-
 def new_run_id() -> str:
     """Sortable, unique run id: UTC time plus a random suffix."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def manifest_uri(output_uri: str, run_id: str) -> str:
-    return join_uri(output_uri, "runs", f"{run_id}.json")
+

@@ -27,11 +27,15 @@ from pydantic import (
     model_validator,
 )
 
+from segbatch.models.archs import INSTANCE_ARCHS, SEMANTIC_ARCHS
+
 __all__ = [
     "ComputeSpec",
     "InputSpec",
     "JobSpec",
+    "LoadSettings",
     "ModelSpec",
+    "PredictSettings",
     "OutputSpec",
     "RunSpec",
     "SpecError",
@@ -43,15 +47,6 @@ __all__ = [
     "IMAGE_EXTENSIONS",
 ]
 
-SEMANTIC_ARCHS = (
-    "fcn_resnet50",
-    "fcn_resnet101",
-    "deeplabv3_resnet50",
-    "deeplabv3_resnet101",
-    "deeplabv3_mobilenet_v3_large",
-    "lraspp_mobilenet_v3_large",
-)
-INSTANCE_ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "tif", "tiff", "webp", "bmp", "gif")
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -209,17 +204,17 @@ class ComputeSpec(_Strict):
     )
     threads_per_actor: PositiveInt | None = Field(
         default=None,
-        description="Torch threads per predict actor, fixed. Default: `cpus_per_actor` (rounded), except for a "
-        "CPU-only job with a fixed number of actors on a one-node Ray (a laptop): there each actor starts with its share "
-        "of the node's cores but one (the one left runs load and write tasks) and moves to its share of all the cores "
-        "once its first batches show that loading and writing an image cost under 30% of the model's time.",
+        description="Torch threads per predict actor. Default: `cpus_per_actor` (rounded), except for a CPU-only job "
+        "with a fixed number of actors on a one-node Ray (a laptop): there each actor takes its share of all the node's "
+        "cores (never fewer than it reserves); load and write tasks run between torch's parallel regions.",
     )
     streams_per_actor: PositiveInt | None = Field(
         default=None,
         description="Forward passes each predict actor runs at once, its torch threads split among them, at most one "
         "per thread (a small batch gives one pass's threads little to share: on 2 cores LRASPP 512² at batch 1 runs "
-        "~40% faster as two 1-thread passes than as one 2-thread pass). Default: 1, except where the actor picks its "
-        "own threads (a CPU-only fixed pool on a one-node Ray): there one pass per thread, at most 4.",
+        "~30% faster as two 1-thread passes than as one 2-thread pass). Default: 1, except where the actor takes the "
+        "node's cores (a CPU-only fixed pool on a one-node Ray, `threads_per_actor` unset): there one pass per thread, "
+        "at most 4.",
     )
     cpus_per_loader: PositiveFloat = Field(default=1.0, description="CPUs each load (fetch + decode) task reserves.")
     memory_per_loader: PositiveInt = Field(
@@ -247,6 +242,35 @@ class ComputeSpec(_Strict):
         return v
 
 
+def _same_as(section: type[BaseModel], name: str) -> Any:
+    """A settings field with the default and description of the spec key it carries (defaults live once)."""
+    f = section.model_fields[name]
+    if f.default_factory is not None:
+        return Field(default_factory=f.default_factory, description=f.description)
+    return Field(default=f.default, description=f.description)
+
+
+class LoadSettings(_Strict):
+    """What the load stage reads of a job (:meth:`JobSpec.load_settings`): input limits and fetch options."""
+
+    storage_options: dict[str, Any] = _same_as(InputSpec, "storage_options")
+    max_pixels: int = _same_as(InputSpec, "max_pixels")
+    max_bytes: int = _same_as(InputSpec, "max_bytes")
+    fetch_concurrency: int = _same_as(ComputeSpec, "fetch_concurrency")
+    jpeg_decode: Literal["loader", "device"] = _same_as(ComputeSpec, "jpeg_decode")
+
+
+class PredictSettings(_Strict):
+    """What the predict actor reads of a job (:meth:`JobSpec.predict_settings`), beyond weights and layout."""
+
+    batch_size: int = _same_as(ModelSpec, "batch_size")
+    score_threshold: float = _same_as(ModelSpec, "score_threshold")
+    mask_threshold: float = _same_as(ModelSpec, "mask_threshold")
+    max_detections: int = _same_as(ModelSpec, "max_detections")
+    precision: Literal["fp32", "fp16", "bf16"] = _same_as(ModelSpec, "precision")
+    instance_png: bool = _same_as(OutputSpec, "instance_png")
+
+
 class RunSpec(_Strict):
     max_error_fraction: float = Field(
         default=0.05,
@@ -270,6 +294,29 @@ class JobSpec(_Strict):
         if not _NAME_RE.match(v):
             raise ValueError("expected letters, digits, '_', '.' or '-' (at most 100)")
         return v
+
+    def load_settings(self) -> LoadSettings:
+        """The load stage's part of the job, whole."""
+        i, c = self.input, self.compute
+        return LoadSettings(
+            storage_options=i.storage_options,
+            max_pixels=i.max_pixels,
+            max_bytes=i.max_bytes,
+            fetch_concurrency=c.fetch_concurrency,
+            jpeg_decode=c.jpeg_decode,
+        )
+
+    def predict_settings(self) -> PredictSettings:
+        """The predict stage's part of the job, whole (the task and weights travel beside it)."""
+        m = self.model
+        return PredictSettings(
+            batch_size=m.batch_size,
+            score_threshold=m.score_threshold,
+            mask_threshold=m.mask_threshold,
+            max_detections=m.max_detections,
+            precision=m.precision,
+            instance_png=self.output.instance_png,
+        )
 
     def redacted(self) -> dict[str, Any]:
         """The spec as a dict with every storage_options value hidden: safe for manifests and logs."""

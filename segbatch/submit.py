@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from segbatch.errors import first_line
 from segbatch.spec import JobSpec, add_override_argument, load_job
 
 __all__ = [
@@ -173,8 +174,7 @@ def connect(address: str) -> Any:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return first_line(e) or type(e).__name__
 
 
 def _exists(client: Any, submission_id: str) -> bool:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -70,3 +71,38 @@ def test_job_errors_are_one_line_and_exit_1(tmp_path: Path) -> None:
     bad = run_cli("run", str(job), "--set", "model.task=panoptic", cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"segbatch: error: {job}: key 'model.task' has invalid value \"panoptic\": Input should be 'semantic' or 'instance'"
+
+
+def test_plan_lists_and_reads_the_ledger_without_ray(tmp_path: Path) -> None:
+    from segbatch.models import resolve_weights
+    from segbatch.plan import item_id_for
+    from segbatch.sinks import Committer
+    from segbatch.spec import load_job
+    from tests.test_outputs import _rows
+
+    paths = write_images(tmp_path / "in", [(32, 32)] * 4)
+    job = write_job(tmp_path)
+    spec = load_job(job)
+    fresh = run_cli("plan", str(job), cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "listed 4 · new 4 · changed 0 · already done 0 · to process 4" in fresh.stdout
+    assert "Started a local Ray" not in fresh.stderr
+
+    # Commit one image as it is now and another in an earlier version, as a run of this job would have.
+    fingerprint = spec.result_fingerprint(resolve_weights(spec.model).sha256)
+    listed = {p: f"{p.stat().st_size}-{p.stat().st_mtime}" for p in paths}
+    rows = _rows([str(paths[0]), str(paths[1])], "", fingerprint=fingerprint).to_pydict()
+    rows["item_id"] = [item_id_for(str(paths[0]), listed[paths[0]]), item_id_for(str(paths[1]), "older")]
+    committer = Committer(spec.output, "r1", {"segbatch.task": "semantic"})
+    committer.add(pa.table(rows, schema=pa.schema(_rows([], "").schema)))
+    committer.flush()
+    again = run_cli("plan", str(job), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "listed 4 · new 2 · changed 1 · already done 1 · to process 3" in again.stdout
+    assert not (tmp_path / "out" / "runs").exists()  # a plan alone writes nothing
+
+    other = run_cli("plan", str(job), "--set", "model.num_classes=5", cwd=tmp_path)
+    assert other.returncode == 1 and "already holds results made with another model" in other.stderr.strip().splitlines()[-1]
+    nowhere = run_cli("plan", str(job), "--set", f"input.uri={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert nowhere.returncode == 1
+    assert nowhere.stderr.strip().splitlines()[-1] == f"segbatch: job failed: input.uri '{tmp_path / 'nowhere'}': not found (no such folder or prefix: {tmp_path / 'nowhere'})"

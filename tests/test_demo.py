@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from segbatch.cli import main
-from segbatch.sinks import read_committed
+from segbatch.outputs import read_rows
 
 SCENES = 10
 SEED = 10_500_000  # fresh: outside segbatch.synth.TRAIN_SEEDS and away from the demo's default seeds
@@ -40,7 +40,7 @@ def test_demo_runs_both_jobs_and_reports(demo: tuple[Path, int, str]) -> None:
     assert code == 0
     out = work / "demo-output"
     for task in ("semantic", "instance"):
-        rows = read_committed(str(out / task), None).to_pylist()
+        rows = read_rows(str(out / task), None).to_pylist()
         assert len(rows) == SCENES + 1  # every scene, plus the corrupt file as an error row
         bad = [r for r in rows if r["status"] != "ok"]
         assert [(Path(r["uri"]).name, r["error_class"]) for r in bad] == [("broken.jpg", "truncated")]

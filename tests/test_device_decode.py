@@ -18,7 +18,7 @@ from PIL import Image
 from segbatch.load import _ORIENTATION, Loader, decode_image, inspect_jpeg
 from segbatch.models import resolve_weights
 from segbatch.models.predictor import Predictor, decode_jpegs, orient_chw
-from segbatch.spec import ModelSpec
+from segbatch.spec import LoadSettings, ModelSpec, PredictSettings
 from tests.varied import assert_varied_labels, varied_lraspp_checkpoint
 
 
@@ -95,7 +95,7 @@ def test_loader_leaves_plain_jpegs_to_the_actor_and_the_rows_match(tmp_path: Pat
     files = _files(tmp_path)
     names = sorted(files)
     cpu = Loader()(_batch(tmp_path, names))
-    dev = Loader(jpeg_decode="device")(_batch(tmp_path, names))
+    dev = Loader(LoadSettings(jpeg_decode="device"))(_batch(tmp_path, names))
     left_to_actor = {n for n, j in zip(names, dev["jpeg"]) if len(j)}
     assert left_to_actor == {"a.jpg", "b-rotated.jpg", "c-gray.jpg", "g-same-size.jpg"}  # not CMYK, PNG, cut short
     for key in ("status", "error_class", "width", "height"):
@@ -105,7 +105,7 @@ def test_loader_leaves_plain_jpegs_to_the_actor_and_the_rows_match(tmp_path: Pat
 
     _, ckpt = varied_lraspp_checkpoint(tmp_path / "lraspp.pt")
     rw = resolve_weights(ModelSpec(task="semantic", arch="lraspp_mobilenet_v3_large", weights=str(ckpt), num_classes=4))
-    predictor = Predictor("semantic", rw, {"batch_size": 4})
+    predictor = Predictor("semantic", rw, PredictSettings(batch_size=4))
     from_cpu, from_dev = predictor(cpu), predictor(dev)
     assert_varied_labels([m for m in from_cpu["label_map"] if m.size])
     assert "jpeg" not in from_dev and "image" not in from_dev
@@ -123,10 +123,10 @@ def test_a_jpeg_the_device_decoder_rejects_becomes_an_error_row(tmp_path: Path) 
     bad = good[: dht + 5] + b"\xff" * 16 + good[dht + 21 :]
     (tmp_path / "good.jpg").write_bytes(good)
     (tmp_path / "bad.jpg").write_bytes(bad)
-    batch = Loader(jpeg_decode="device")(_batch(tmp_path, ["good.jpg", "bad.jpg"]))
+    batch = Loader(LoadSettings(jpeg_decode="device"))(_batch(tmp_path, ["good.jpg", "bad.jpg"]))
     assert len(batch["jpeg"][1]) and list(batch["status"]) == ["ok", "ok"]  # the header looked fine
     rw = resolve_weights(ModelSpec(task="semantic", arch="segbatch.models.small:unet_small", num_classes=4))
-    out = Predictor("semantic", rw, {"batch_size": 4})(batch)
+    out = Predictor("semantic", rw, PredictSettings(batch_size=4))(batch)
     assert list(out["status"]) == ["ok", "error"]
     assert out["error_class"][1] == "truncated"
     assert out["error"][1].startswith(f"{tmp_path / 'bad.jpg'}: JPEG image data is truncated or corrupt (decoded on cpu)")

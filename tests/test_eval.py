@@ -19,6 +19,7 @@ from segbatch.errors import JobError
 from segbatch.evaluate import coco_metrics, evaluate_output, format_report
 from segbatch.masks import encode_png_label_map
 from segbatch.sinks import Committer, rows_to_table
+from segbatch.spec import OutputSpec
 from segbatch.synth import CLASSES, write_dataset
 
 
@@ -56,7 +57,7 @@ def write_outputs(out: Path, task: str, items: list[dict[str, Any]]) -> None:
     batch = {k: _obj(v) for k, v in rows.items()}
     constants = {"task": task, "model": "test", "weights_sha256": "none", "fingerprint": "f", "run_id": "r1"}
     table = rows_to_table(batch, constants)
-    committer = Committer(str(out), None, "r1", {"segbatch.task": task, "segbatch.classes": json.dumps(CLASSES)})
+    committer = Committer(OutputSpec(uri=str(out)), "r1", {"segbatch.task": task, "segbatch.classes": json.dumps(CLASSES)})
     committer.add(table)
     committer.flush()
 

@@ -34,7 +34,7 @@ from segbatch.models.small import unet_small
 from segbatch.pipeline import run_job
 from segbatch.retry import Retries, RetryPolicy, call_with_retries, is_transient
 from segbatch.sinks import MaskWriter
-from segbatch.spec import parse_job
+from segbatch.spec import OutputSpec, parse_job
 from tests.conftest import S3_ENV, write_images
 from tests.faultproxy import KINDS, FaultProxy
 
@@ -204,10 +204,10 @@ def test_mask_writer_adds_its_retries(tmp_path: Path, monkeypatch: pytest.Monkey
         "label_map": _objects([labels, labels]),
         "retries": np.asarray([3, 0], dtype=np.int32),
     }
-    out = MaskWriter(str(tmp_path / "out"), {}, write_png=True)(batch)
+    out = MaskWriter(OutputSpec(uri=str(tmp_path / "out")), task="semantic")(batch)
     assert out["status"].tolist() == ["ok", "ok"] and out["retries"].tolist() == [4, 0]
     del batch["retries"]  # a batch without the column (e.g. an older stage): created
-    assert MaskWriter(str(tmp_path / "out"), {}, write_png=True)(batch)["retries"].tolist() == [0, 0]
+    assert MaskWriter(OutputSpec(uri=str(tmp_path / "out")), task="semantic")(batch)["retries"].tolist() == [0, 0]
 
 
 # --------------------------------------------------------------------------- a whole job through the proxy

@@ -20,7 +20,7 @@ from segbatch.load import decode_image
 from segbatch.masks import rle_to_mask
 from segbatch.models import Predictor, resolve_weights
 from segbatch.models.predictor import decode_jpegs
-from segbatch.spec import ModelSpec
+from segbatch.spec import ModelSpec, PredictSettings
 from segbatch.synth import scene_from_seed
 from tests.varied import assert_varied_instances, assert_varied_labels, varied_lraspp_checkpoint
 
@@ -65,10 +65,9 @@ def test_semantic_on_cuda_matches_cpu(tmp_path: Path, precision: str) -> None:
     """channels_last + pinned uint8 copies (+ autocast): the CPU's labels, nearly pixel for pixel."""
     _, ckpt = varied_lraspp_checkpoint(tmp_path / "m.pt")
     rw = resolve_weights(ModelSpec(task="semantic", arch="lraspp_mobilenet_v3_large", weights=str(ckpt), num_classes=4))
-    options = {"batch_size": 4, "precision": precision}
     images = _images()
-    cpu = _on("cpu", Predictor("semantic", rw, {**options, "precision": "fp32"}))(_batch(images))
-    gpu_predictor = Predictor("semantic", rw, options)
+    cpu = _on("cpu", Predictor("semantic", rw, PredictSettings(batch_size=4)))(_batch(images))
+    gpu_predictor = Predictor("semantic", rw, PredictSettings(batch_size=4, precision=precision))
     assert gpu_predictor.device.type == "cuda" and gpu_predictor.channels_last
     gpu = gpu_predictor(_batch(images))
     assert_varied_labels(list(cpu["label_map"]))
@@ -79,10 +78,10 @@ def test_semantic_on_cuda_matches_cpu(tmp_path: Path, precision: str) -> None:
 
 def test_instance_on_cuda_matches_cpu() -> None:
     rw = resolve_weights(ModelSpec(task="instance", weights="builtin:shapes", score_threshold=0.3))
-    options = {"batch_size": 4, "score_threshold": 0.3}
+    settings = PredictSettings(batch_size=4, score_threshold=0.3)
     images = _images()
-    cpu = _on("cpu", Predictor("instance", rw, options))(_batch(images))
-    gpu = Predictor("instance", rw, options)(_batch(images))
+    cpu = _on("cpu", Predictor("instance", rw, settings))(_batch(images))
+    gpu = Predictor("instance", rw, settings)(_batch(images))
     expected = [json.loads(s) for s in cpu["instances"]]
     assert_varied_instances(expected, min_images=3, min_objects=6)
     for image, want, got in zip(images, expected, (json.loads(s) for s in gpu["instances"])):

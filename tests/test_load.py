@@ -19,6 +19,7 @@ from PIL import Image, ImageFile
 from segbatch import load
 from segbatch.errors import ERROR_CLASSES, ItemError
 from segbatch.load import EMPTY_IMAGE, Loader, decode_image, to_rgb
+from segbatch.spec import LoadSettings
 
 MAX_PIXELS = 178_956_970
 
@@ -429,19 +430,17 @@ def test_loader_same_shapes_stay_an_object_array(tmp_path: Path) -> None:
     png = _save(Image.new("RGB", (3, 2)), "PNG")
     out = Loader()(_rows(tmp_path, {"a.png": png, "b.png": png}))
     assert out["image"].dtype == object and out["image"].shape == (2,)
-    # The call's CPU time per item, for the CPU actor's thread choice; equal for every row of a call.
-    assert out["load_seconds"].dtype == np.float32 and out["load_seconds"].shape == (2,)
-    assert out["load_seconds"][0] == out["load_seconds"][1] > 0
+    assert "load_seconds" not in out  # no column for any one stage's own use
 
 
 def test_loader_empty_batch() -> None:
     out = Loader()({"uri": np.asarray([], dtype=object), "size": np.asarray([], dtype=np.int64)})
-    assert out["image"].shape == (0,) and out["status"].tolist() == [] and out["load_seconds"].shape == (0,)
+    assert out["image"].shape == (0,) and out["status"].tolist() == [] and out["error"].shape == (0,)
 
 
 def test_listed_size_over_max_bytes_is_refused_before_fetching(tmp_path: Path) -> None:
     uri = str(tmp_path / "does-not-exist.png")  # fetching it would say "unreadable"
-    out = Loader(max_bytes=1000)({"uri": np.asarray([uri], dtype=object), "size": np.asarray([10**12])})
+    out = Loader(LoadSettings(max_bytes=1000))({"uri": np.asarray([uri], dtype=object), "size": np.asarray([10**12])})
     assert out["error_class"].tolist() == ["too_large"]
     assert out["error"][0] == f"{uri}: 1000000000000 bytes exceeds input.max_bytes=1000; refused before fetching"
 
@@ -450,10 +449,10 @@ def test_unknown_or_stale_size_is_bounded_while_fetching(tmp_path: Path) -> None
     data = _save(Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 40, 3), dtype=np.uint8)), "PNG")
     batch = _rows(tmp_path, {"a.png": data})
     batch["size"] = np.asarray([0])  # a manifest without sizes
-    out = Loader(max_bytes=len(data) - 1)(batch)
+    out = Loader(LoadSettings(max_bytes=len(data) - 1))(batch)
     assert out["error_class"].tolist() == ["too_large"]
     assert "more than input.max_bytes" in out["error"][0] and out["error"][0].startswith(batch["uri"][0])
-    assert Loader(max_bytes=len(data))(batch)["status"].tolist() == ["ok"]
+    assert Loader(LoadSettings(max_bytes=len(data)))(batch)["status"].tolist() == ["ok"]
 
 
 def test_plan_error_becomes_unsafe_key_without_fetching(tmp_path: Path) -> None:
@@ -562,7 +561,7 @@ def test_corpus_is_big_enough(corpus: dict[str, CorpusFile]) -> None:
 def test_corpus_file(corpus: dict[str, CorpusFile], name: str) -> None:
     f = corpus[name]
     batch = {"uri": np.asarray([f.uri], dtype=object), "size": np.asarray([f.size], dtype=np.int64)}
-    _check_row(Loader(max_bytes=CORPUS_MAX_BYTES)(batch), 0, f)
+    _check_row(Loader(LoadSettings(max_bytes=CORPUS_MAX_BYTES))(batch), 0, f)
 
 
 def test_corpus_as_one_batch(corpus: dict[str, CorpusFile]) -> None:
@@ -572,7 +571,7 @@ def test_corpus_as_one_batch(corpus: dict[str, CorpusFile]) -> None:
         "size": np.asarray([f.size for f in files], dtype=np.int64),
         "item_id": np.arange(len(files)),
     }
-    out = Loader(max_bytes=CORPUS_MAX_BYTES, fetch_concurrency=4)(batch)
+    out = Loader(LoadSettings(max_bytes=CORPUS_MAX_BYTES, fetch_concurrency=4))(batch)
     assert all(len(v) == len(files) for v in out.values())
     assert out["item_id"].tolist() == list(range(len(files)))
     for i, f in enumerate(files):

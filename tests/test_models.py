@@ -15,7 +15,7 @@ from segbatch.errors import JobError
 from segbatch.models import Predictor, resolve_weights
 from segbatch.models.small import maskrcnn_small
 from segbatch.models.weights import torchvision_cache_path
-from segbatch.spec import ModelSpec
+from segbatch.spec import ModelSpec, PredictSettings
 from tests.conftest import save_checkpoint
 from tests.varied import (
     assert_varied_instances,
@@ -108,7 +108,7 @@ def test_user_factory_is_built_and_checked(tmp_path: Path) -> None:
 
 def _semantic_predictor(ckpt: Path, **options: object) -> Predictor:
     rw = resolve_weights(ModelSpec(task="semantic", arch=ARCH, weights=str(ckpt), num_classes=4))
-    return Predictor("semantic", rw, {"batch_size": 4, **options})
+    return Predictor("semantic", rw, PredictSettings(**{"batch_size": 4, **options}))
 
 
 def _batch(images: list[np.ndarray], status: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -172,7 +172,7 @@ def test_instance_predictor_equals_the_detector_called_by_hand() -> None:
     expected = [direct_instances(detector, im) for im in images]
     assert_varied_instances(expected, min_images=3, min_objects=6)
     rw = resolve_weights(ModelSpec(task="instance", weights="builtin:shapes", score_threshold=0.3))
-    out = Predictor("instance", rw, {"batch_size": 4, "score_threshold": 0.3, "instance_png": True})(_batch(images))
+    out = Predictor("instance", rw, PredictSettings(batch_size=4, score_threshold=0.3, instance_png=True))(_batch(images))
     import json
 
     for i, (image, want) in enumerate(zip(images, expected)):
@@ -208,7 +208,7 @@ def test_semantic_resize_masks_come_back_at_input_size(tmp_path: Path) -> None:
             logits = model(x)["out"]
         expected.append(torch.nn.functional.interpolate(logits, size=im.shape[:2], mode="bilinear", align_corners=False)[0].argmax(0).numpy())
     assert_varied_labels(expected)
-    out = Predictor("semantic", rw, {"batch_size": 4})(_batch(images))
+    out = Predictor("semantic", rw, PredictSettings(batch_size=4))(_batch(images))
     for i, want in enumerate(expected):
         got = out["label_map"][i]
         assert got.shape == want.shape, f"image {i}: mask {got.shape}, input {want.shape}"
@@ -252,7 +252,8 @@ ALL_ARCHS = [
 @pytest.mark.parametrize(("task", "arch"), ALL_ARCHS)
 def test_every_arch_builds_and_predicts_at_input_size(task: str, arch: str) -> None:
     spec = ModelSpec(task=task, arch=arch, weights="none", num_classes=5, score_threshold=0.0, resize=64 if task == "instance" else None)
-    pred = Predictor(task, resolve_weights(spec), {"batch_size": 2, "score_threshold": 0.0, "max_detections": 3, "instance_png": True})
+    settings = PredictSettings(batch_size=2, score_threshold=0.0, max_detections=3, instance_png=True)
+    pred = Predictor(task, resolve_weights(spec), settings)
     image = np.random.default_rng(0).integers(0, 256, size=(40, 52, 3), dtype=np.uint8)
     out = pred(_batch([image, image]))
     assert list(out["status"]) == ["ok", "ok"]

@@ -14,7 +14,7 @@ from ray.cluster_utils import Cluster
 
 from segbatch.masks import decode_png_label_map
 from segbatch.pipeline import RunResult, run_job
-from segbatch.sinks import read_committed
+from segbatch.outputs import read_rows
 from segbatch.spec import parse_job
 from tests.varied import assert_varied_labels, write_rich_scenes
 
@@ -45,7 +45,7 @@ def spec_for(root: Path, out: str):
 
 
 def rows(out: Path) -> dict[str, np.ndarray]:
-    table = read_committed(str(out), {}).to_pylist()
+    table = read_rows(str(out), {}).to_pylist()
     ids = [r["item_id"] for r in table]
     assert len(ids) == len(set(ids)), "duplicated rows"
     assert all(r["status"] == "ok" for r in table), [r["error"] for r in table if r["status"] != "ok"]
@@ -77,7 +77,7 @@ def test_worker_node_lost_mid_job(cluster: Cluster, tmp_path: Path) -> None:
     deadline = time.time() + 120
     out = tmp_path / "lossy"
     while time.time() < deadline and thread.is_alive():
-        if (out / "metadata").exists() and read_committed(str(out), {}).num_rows >= 4:
+        if (out / "metadata").exists() and read_rows(str(out), {}).num_rows >= 4:
             break
         time.sleep(0.05)
     # Remove the node hosting the predict actor, so in-flight work is really lost.
@@ -90,7 +90,7 @@ def test_worker_node_lost_mid_job(cluster: Cluster, tmp_path: Path) -> None:
     }
     assert actor_nodes & worker_nodes, "predict actor not found on a worker node"
     victim = next(n for n in cluster.worker_nodes if n.node_id in actor_nodes)
-    committed_at_kill = read_committed(str(out), {}).num_rows
+    committed_at_kill = read_rows(str(out), {}).num_rows
     assert committed_at_kill < N_IMAGES, "job finished before the node was removed"
     cluster.remove_node(victim, allow_graceful=False)
     thread.join(timeout=300)

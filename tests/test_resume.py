@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from segbatch.masks import decode_png_label_map
-from segbatch.sinks import read_committed
+from segbatch.outputs import read_rows
 from tests.varied import assert_varied_labels, write_rich_scenes
 
 SEGBATCH = str(Path(sys.executable).with_name("segbatch"))
@@ -51,7 +51,7 @@ def run(job: Path, *extra: str) -> dict:
 
 
 def outputs(out: Path) -> dict[str, tuple[str, list[int], np.ndarray, str]]:
-    rows = read_committed(str(out), {}).to_pylist()
+    rows = read_rows(str(out), {}).to_pylist()
     ids = [r["item_id"] for r in rows]
     assert len(ids) == len(set(ids)), "duplicated rows"
     return {
@@ -95,7 +95,7 @@ def mask_key(out: Path, path: Path) -> str:
 
 
 def committed(out: Path) -> int:
-    return read_committed(str(out), {}).num_rows if (out / "metadata").exists() else 0
+    return read_rows(str(out), {}).num_rows if (out / "metadata").exists() else 0
 
 
 @pytest.mark.parametrize("moment", ["before_first_commit", "midway", "during_last_writes"])

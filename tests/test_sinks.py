@@ -8,7 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from segbatch.masks import decode_png_label_map
-from segbatch.sinks import METADATA_SCHEMA, Committer, MaskWriter, read_committed, rows_to_table
+from segbatch.outputs import METADATA_SCHEMA, read_rows
+from segbatch.sinks import Committer, MaskWriter, rows_to_table
+from segbatch.spec import OutputSpec
 
 CONSTANTS = {"task": "semantic", "model": "m", "weights_sha256": "abc", "fingerprint": "f1", "run_id": "r1"}
 
@@ -35,7 +37,7 @@ def _batch(n: int, status: list[str]) -> dict[str, np.ndarray]:
 
 
 def test_mask_writer_stores_pngs_and_drops_pixels(tmp_path: Path) -> None:
-    out = MaskWriter(str(tmp_path / "out"), {}, write_png=True)(_batch(3, ["ok", "error", "ok"]))
+    out = MaskWriter(OutputSpec(uri=str(tmp_path / "out")), task="semantic")(_batch(3, ["ok", "error", "ok"]))
     assert "label_map" not in out
     assert list(out["mask_uri"]) == [str(tmp_path / "out/masks/sub/0.jpg.png"), "", str(tmp_path / "out/masks/sub/2.jpg.png")]
     assert (decode_png_label_map(Path(out["mask_uri"][2]).read_bytes()) == 2).all()
@@ -43,12 +45,12 @@ def test_mask_writer_stores_pngs_and_drops_pixels(tmp_path: Path) -> None:
 
 
 def test_committer_writes_whole_parts_by_row_count(tmp_path: Path) -> None:
-    written = MaskWriter(str(tmp_path / "out"), {}, write_png=True)(_batch(3, ["ok", "error", "ok"]))
+    written = MaskWriter(OutputSpec(uri=str(tmp_path / "out")), task="semantic")(_batch(3, ["ok", "error", "ok"]))
     table = rows_to_table(written, CONSTANTS)
     assert table.schema == METADATA_SCHEMA
     assert table.column("error_class").to_pylist() == [None, "truncated", None]
     assert table.column("class_pixels").to_pylist()[2] == [0, 0, 12]
-    committer = Committer(str(tmp_path / "out"), {}, "r1", {"segbatch.task": "semantic"}, commit_rows=5, commit_seconds=3600)
+    committer = Committer(OutputSpec(uri=str(tmp_path / "out"), commit_rows=5, commit_seconds=3600), "r1", {"segbatch.task": "semantic"})
     committer.add(table)
     assert not (tmp_path / "out/metadata").exists()  # 3 rows < commit_rows: still pending
     assert not committer.committed_counts  # pending rows are not counted as done
@@ -58,7 +60,7 @@ def test_committer_writes_whole_parts_by_row_count(tmp_path: Path) -> None:
     committer.flush()
     assert committer.committed_rows == 6 and len(committer.parts) == 2
     assert committer.committed_counts == {"ok": 4, "truncated": 2}
-    assert read_committed(str(tmp_path / "out"), {}).num_rows == 6
+    assert read_rows(str(tmp_path / "out"), {}).num_rows == 6
     errors = pq.read_table(tmp_path / "out/errors").to_pylist()
     assert [e["uri"] for e in errors] == ["/in/sub/1.jpg"] * 2  # the error row was added twice above
     assert pq.read_schema(committer.parts[0]).metadata[b"segbatch.schema_version"] == b"2"

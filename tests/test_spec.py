@@ -135,38 +135,6 @@ def test_readme_documents_every_key() -> None:
     assert not missing, f"README.md lacks rows for {missing}"
 
 
-def test_actor_threads_share_a_laptop_and_respect_reservations_on_clusters() -> None:
-    from segbatch.pipeline import actor_threads
-    from segbatch.spec import ComputeSpec
-
-    # (threads to start with, the most an actor may move to once its model proves heavy)
-    assert actor_threads(ComputeSpec(), one_node_cpus=8) == (7, 8)  # laptop, one CPU actor: all cores but one
-    assert actor_threads(ComputeSpec(), one_node_cpus=2) == (1, 2)
-    assert actor_threads(ComputeSpec(actors=2), one_node_cpus=9) == (4, 4)
-    assert actor_threads(ComputeSpec(actors=2), one_node_cpus=8) == (3, 4)
-    assert actor_threads(ComputeSpec(actors=2, cpus_per_actor=6), one_node_cpus=8) == (6, 6)  # never below the reservation
-    assert actor_threads(ComputeSpec(), one_node_cpus=None) == (1, 1)  # a multi-node cluster: the reservation
-    assert actor_threads(ComputeSpec(cpus_per_actor=3.6), one_node_cpus=None) == (4, 4)
-    assert actor_threads(ComputeSpec(gpus_per_actor=1, cpus_per_actor=2), one_node_cpus=16) == (2, 2)  # GPU actor
-    assert actor_threads(ComputeSpec(actors=(1, 4)), one_node_cpus=8) == (1, 1)  # autoscaling pool: the reservation
-    assert actor_threads(ComputeSpec(threads_per_actor=3), one_node_cpus=8) == (3, 3)  # set by hand: fixed
-
-
-def test_actor_streams_split_a_laptops_threads_and_stay_single_elsewhere() -> None:
-    from segbatch.pipeline import actor_streams
-    from segbatch.spec import ComputeSpec
-
-    assert actor_streams(ComputeSpec(), one_node_cpus=2) == 2  # two 1-thread passes once it moves to both cores
-    assert actor_streams(ComputeSpec(), one_node_cpus=16) == 4  # at most MAX_STREAMS
-    assert actor_streams(ComputeSpec(actors=2), one_node_cpus=9) == 4  # its share: 4 threads, 4 passes
-    assert actor_streams(ComputeSpec(), one_node_cpus=None) == 1  # multi-node: the reservation, one pass
-    assert actor_streams(ComputeSpec(gpus_per_actor=1), one_node_cpus=16) == 1  # GPU actor
-    assert actor_streams(ComputeSpec(actors=(1, 4)), one_node_cpus=8) == 1  # autoscaling pool
-    assert actor_streams(ComputeSpec(threads_per_actor=4), one_node_cpus=8) == 1  # threads fixed by hand
-    assert actor_streams(ComputeSpec(streams_per_actor=3, cpus_per_actor=6), one_node_cpus=None) == 3  # set by hand
-    assert actor_streams(ComputeSpec(streams_per_actor=3), one_node_cpus=None) == 1  # one thread: one pass
-
-
 def test_load_blocks_shrink_so_every_stream_has_work() -> None:
     from segbatch.pipeline import load_block_rows
 

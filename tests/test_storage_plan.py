@@ -57,7 +57,7 @@ def test_manifests(tree: Path, kind: str) -> None:
     items, listed, skipped = plan_items(InputSpec(uri=str(manifest)))
     assert listed == 2 and skipped == 0
     assert sorted(Path(i.uri).name for i in items) == ["a.jpg", "d.tif"]
-    assert {safe_relative_key(i.uri, i.base) for i in items} == {"a.jpg", "sub/d.tif"}
+    assert {i.rel_key for i in items} == {"a.jpg", "sub/d.tif"} and not any(i.plan_error for i in items)
 
 
 def test_manifest_without_uri_column_is_a_clear_error(tmp_path: Path) -> None:
@@ -118,3 +118,69 @@ def test_atomic_local_write_leaves_no_temporaries(tmp_path: Path) -> None:
     write_bytes_atomic(fs, str(target), b"two")
     assert target.read_bytes() == b"two"
     assert [p.name for p in target.parent.iterdir()] == ["out.bin"]
+
+
+# --------------------------------------------------------------------------- the streamed plan
+
+
+def _manifest(tmp_path: Path, uris: list[str], versions: list[str]) -> Path:
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"uri": uris, "version": versions}), path, row_group_size=3)
+    return path
+
+
+def test_streamed_plan_counts_and_rows_match_across_page_sizes(tmp_path: Path) -> None:
+    from segbatch.outputs import Ledger
+    from segbatch.plan import PlanCounts, plan_pages
+
+    uris = [f"/data/in/{d}/img-{i}.jpg" for i, d in zip(range(11), "aabbccddeef")]
+    versions = ["v1"] * 11
+    uris.append(uris[3])  # a duplicate entry: planned once
+    versions.append("v1")
+    uris.append("/data/in/../../etc/x.jpg")  # an unsafe key: planned, with a plan error
+    versions.append("v1")
+    manifest = _manifest(tmp_path, uris, versions)
+    done = {item_id_for(uris[0], "v1"), item_id_for(uris[5], "v1")}
+    earlier = [uris[1], uris[2]]  # committed before in another version: "changed"
+    ledger = Ledger.of(done | {item_id_for(u, "v0") for u in earlier}, [uris[0], uris[5], *earlier])
+    outcomes = []
+    for page_rows in (1, 2, 5, 100):
+        counts = PlanCounts()
+        tables = list(plan_pages(InputSpec(uri=str(manifest)), ledger, counts, page_rows=page_rows))
+        assert all(t.num_rows <= page_rows for t in tables)
+        rows = pa.concat_tables(tables).to_pylist()
+        outcomes.append(((counts.listed, counts.skipped, counts.new, counts.changed), rows))
+    assert all(o == outcomes[0] for o in outcomes)  # the page size changes nothing
+    (listed, skipped, new, changed), rows = outcomes[0]
+    assert (listed, skipped, new, changed) == (12, 2, 8, 2)
+    assert [r["uri"] for r in rows] == [u for u in uris[:11] if u not in (uris[0], uris[5])] + [uris[12]]
+    assert rows[0] == {"item_id": item_id_for(uris[1], "v1"), "uri": uris[1], "version": "v1", "size": 0,
+                       "rel_key": "a/img-1.jpg", "plan_error": ""}
+    assert rows[-1]["rel_key"] == "" and "climbs out of the prefix" in rows[-1]["plan_error"]
+
+
+def test_common_base_of_a_manifest_is_that_of_all_its_pages(tmp_path: Path) -> None:
+    from segbatch.plan import PlanCounts, plan_pages
+
+    uris = ["s3://b/in/x/1.jpg", "s3://b/in/y/2.jpg", "s3://b/in/x/z/3.jpg"]
+    manifest = _manifest(tmp_path, uris, ["e"] * 3)
+    for page_rows in (1, 3):
+        rows = pa.concat_tables(list(plan_pages(InputSpec(uri=str(manifest)), None, PlanCounts(), page_rows))).to_pylist()
+        assert [r["rel_key"] for r in rows] == ["x/1.jpg", "y/2.jpg", "x/z/3.jpg"]
+
+
+def test_written_plan_is_read_back_in_blocks(tmp_path: Path) -> None:
+    from segbatch.outputs import Ledger
+    from segbatch.plan import PLAN_SCHEMA, read_plan_block, write_plan
+
+    uris = [f"/data/in/img-{i:04d}.jpg" for i in range(2500)]
+    manifest = _manifest(tmp_path, uris, ["v"] * 2500)
+    out = tmp_path / "out"
+    plan = write_plan(InputSpec(uri=str(manifest)), Ledger.empty(), str(out), None, "r1", page_rows=1000)
+    assert plan.uri == str(out / "runs" / "r1" / "plan") and plan.part_rows == [1000, 1000, 500]
+    assert [Path(p).name for p in plan.parts] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert pq.read_schema(plan.parts[0]) == PLAN_SCHEMA
+    blocks = plan.blocks(300)
+    assert blocks[:4] == [(plan.parts[0], 0, 300), (plan.parts[0], 300, 600), (plan.parts[0], 600, 900), (plan.parts[0], 900, 1000)]
+    read = [r["uri"] for p, a, b in blocks for t in read_plan_block(p, None, a, b) for r in t.to_pylist()]
+    assert read == uris  # every row once, in order, across parts and row groups

@@ -305,11 +305,14 @@ def validate(task: str, arch: str, path: Path, count: int, score_threshold: floa
     """Load the saved file the way a job does and score it on fresh scenes (seeds 20_000_000 up, JPEG q92)."""
     from segbatch.evaluate import coco_metrics, confusion_matrix, iou_metrics
     from segbatch.models import resolve_weights
+    from segbatch.layout import ActorLayout
     from segbatch.models.predictor import Predictor
-    from segbatch.spec import ModelSpec
+    from segbatch.spec import ModelSpec, PredictSettings
 
     rw = resolve_weights(ModelSpec(task=task, arch=arch, weights=str(path)))
-    predictor = Predictor(task, rw, {"score_threshold": score_threshold}, num_threads=torch.get_num_threads())
+    predictor = Predictor(
+        task, rw, PredictSettings(score_threshold=score_threshold), ActorLayout(threads=torch.get_num_threads())
+    )
     cm = np.zeros((len(CLASSES), len(CLASSES) + 1), np.int64)
     truth: dict[str, Any] = {"images": [], "annotations": [], "categories": coco_categories()}
     dets: list[dict[str, Any]] = []

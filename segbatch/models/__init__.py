@@ -1,7 +1,25 @@
-"""Models: the zoo (builders by name), weights (resolve + verify) and the predictor (the actor)."""
+"""Models: the zoo (builders by name), weights (resolve + verify) and the predictor (the actor).
 
-from segbatch.models.predictor import Predictor
-from segbatch.models.weights import ResolvedWeights, resolve_weights
-from segbatch.models.zoo import build_model
+Names are imported on first use, so `segbatch.models.archs` (and the job spec that checks names
+against it) never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["Predictor", "ResolvedWeights", "build_model", "resolve_weights"]
+
+_WHERE = {
+    "Predictor": "segbatch.models.predictor",
+    "ResolvedWeights": "segbatch.models.weights",
+    "resolve_weights": "segbatch.models.weights",
+    "build_model": "segbatch.models.zoo",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'segbatch.models' has no attribute '{name}'")

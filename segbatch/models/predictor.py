@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 from collections import defaultdict
 from contextlib import nullcontext
 from typing import Any
@@ -23,9 +21,12 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_util
 
+from segbatch.errors import first_line
+from segbatch.layout import ActorLayout, StreamGate
 from segbatch.models.weights import IMAGENET_MEAN, IMAGENET_STD, ResolvedWeights, apply_weights, load_state_dict_bytes
-from segbatch.models.threads import StreamGate, ThreadTuner, stream_threads
 from segbatch.models.zoo import build_model, configure_detector, seeded_init
+from segbatch.rows import RowStatus, object_array
+from segbatch.spec import PredictSettings
 
 __all__ = ["EMPTY_LABELS", "Predictor", "decode_jpegs", "instances_from_output", "orient_chw"]
 
@@ -33,15 +34,8 @@ logger = logging.getLogger(__name__)
 EMPTY_LABELS = np.zeros((0, 0), dtype=np.uint8)
 
 
-def _object_array(values: list[Any]) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        out[i] = v
-    return out
-
-
 def _log_to_stderr_in_workers() -> None:
-    """A Ray worker has no logging handlers, so the actor's INFO lines (its thread choice) would vanish;
+    """A Ray worker has no logging handlers, so the actor's INFO and WARNING lines would vanish;
     stderr reaches the driver's console through Ray's log forwarding."""
     package = logging.getLogger("segbatch")
     if not package.handlers and not logging.getLogger().handlers:
@@ -49,12 +43,6 @@ def _log_to_stderr_in_workers() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         package.addHandler(handler)
         package.setLevel(logging.INFO)
-
-
-def _first_line(e: BaseException) -> str:
-    """An exception's first message line (error rows stay one line)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def pick_device() -> torch.device:
@@ -165,24 +153,18 @@ class Predictor:
     Args:
         task: `semantic` or `instance`.
         weights: resolved weights (or an ObjectRef to them), from :func:`resolve_weights`.
-        options: `batch_size`, `score_threshold`, `mask_threshold`, `max_detections`, `precision`,
-            `instance_png`.
-        num_threads: torch threads to start with (all streams together).
-        max_threads: On a CPU, the threads it may move to once its first batches show the model
-            outweighs the loaders (:class:`segbatch.models.threads.ThreadTuner`); None keeps
-            `num_threads`.
-        max_streams: Concurrent forward passes the threads are split into (Ray Data must call the
-            actor from as many threads: `max_concurrent_calls_per_actor`); 1 runs one at a time.
+        settings: the job's predict settings (:meth:`segbatch.spec.JobSpec.predict_settings`).
+        layout: torch threads (all streams together) and concurrent forward passes, decided by the
+            driver (:func:`segbatch.layout.decide_layout`); Ray Data must call the actor from
+            `layout.streams` threads (`max_concurrent_calls_per_actor`).
     """
 
     def __init__(
         self,
         task: str,
         weights: Any,
-        options: dict[str, Any],
-        num_threads: int = 1,
-        max_threads: int | None = None,
-        max_streams: int = 1,
+        settings: PredictSettings | None = None,
+        layout: ActorLayout | None = None,
     ) -> None:
         try:
             import ray
@@ -192,10 +174,11 @@ class Predictor:
         except ImportError:  # pragma: no cover - ray is a hard dependency; kept for Ray-less unit use
             pass
         rw: ResolvedWeights = weights
+        self.settings = settings = settings or PredictSettings()
+        self.layout = layout = layout or ActorLayout()
         _log_to_stderr_in_workers()
-        torch.set_num_threads(max(1, int(num_threads)))
+        torch.set_num_threads(layout.threads)
         self.task = task
-        self.options = options
         self.device = pick_device()
         self.weights = rw
         seeded_init(0)
@@ -207,21 +190,14 @@ class Predictor:
             min_size = rw.resize if isinstance(rw.resize, int) else None
             configure_detector(
                 model,
-                score_threshold=float(options.get("score_threshold", 0.5)),
-                max_detections=int(options.get("max_detections", 100)),
+                score_threshold=settings.score_threshold,
+                max_detections=settings.max_detections,
                 min_size=min_size,
                 mean=rw.mean,
                 std=rw.std,
             )
         self.model = model.to(self.device).eval()
-        self.max_streams = max(1, int(max_streams))
-        self.gate = StreamGate(stream_threads(torch.get_num_threads(), self.max_streams))
-        self.tuner = (
-            ThreadTuner(threads=torch.get_num_threads(), most=int(max_threads), max_streams=self.max_streams)
-            if max_threads and self.device.type == "cpu"
-            else None
-        )
-        self._tuner_lock = threading.Lock()
+        self.gate = StreamGate(layout.stream_threads)
         self.channels_last = self.device.type == "cuda" and task == "semantic"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -230,7 +206,7 @@ class Predictor:
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.label_dtype = np.uint8 if rw.num_classes <= 256 else np.uint16
-        precision = options.get("precision", "fp32")
+        precision = settings.precision
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         if self.autocast_dtype is not None and self.device.type != "cuda":
             logger.warning("model.precision=%s applies on CUDA only; running fp32 on %s", precision, self.device)
@@ -288,8 +264,8 @@ class Predictor:
         x = x.float().div_(255.0)
         with self._autocast():
             outputs = self.model(list(x))
-        thr = float(self.options.get("mask_threshold", 0.5))
-        with_map = bool(self.options.get("instance_png", False))
+        thr = self.settings.mask_threshold
+        with_map = self.settings.instance_png
         return [
             instances_from_output(o["boxes"], o["labels"], o["scores"], o["masks"], thr, height, width, with_map)
             for o in outputs
@@ -298,8 +274,9 @@ class Predictor:
     def _run_group(self, images: list[np.ndarray] | torch.Tensor) -> list[Any]:
         return self.predict_semantic(images) if self.task == "semantic" else self.predict_instance(images)
 
-    def _decode_on_device(self, batch: dict[str, np.ndarray], idxs: list[int], status: list[str],
-                          error_class: list[str], error: list[str]) -> tuple[list[int], torch.Tensor | None]:
+    def _decode_on_device(
+        self, batch: dict[str, np.ndarray], idxs: list[int], rows: RowStatus
+    ) -> tuple[list[int], torch.Tensor | None]:
         """Decode the JPEGs the loader left to us (`compute.jpeg_decode: device`): (decoded idxs, NCHW).
 
         A file the device decoder rejects becomes a `truncated` error row; the others go on.
@@ -320,48 +297,36 @@ class Predictor:
                 tensors.append(image)
                 good.append(i)
             except Exception as e:  # noqa: BLE001 - one file's failure is data
-                status[i], error_class[i] = "error", "truncated"
-                error[i] = f"{batch['uri'][i]}: JPEG image data is truncated or corrupt (decoded on {self.device}): {_first_line(e)}"[:500]
+                where = f"decoded on {self.device}"
+                message = f"{batch['uri'][i]}: JPEG image data is truncated or corrupt ({where}): {first_line(e)}"
+                rows.fail(i, "truncated", message[:500])
         return good, (torch.stack(tensors) if tensors else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         with self.gate.slot() as threads:
             torch.set_num_threads(threads)  # per calling thread: each stream runs on its own share
-            streams = len(self.gate.threads)
-            started = time.perf_counter()
-            out = self._predict_batch(batch)
-            elapsed = time.perf_counter() - started
-        if self.tuner is not None and not self.tuner.decided and "load_seconds" in batch:
-            ok = [i for i, s in enumerate(batch["status"]) if s == "ok"]
-            load_s = float(sum(batch["load_seconds"][i] for i in ok))
-            with self._tuner_lock:
-                more = self.tuner.observe(len(ok), elapsed / streams, load_s)
-            if more:
-                self.gate.resize(stream_threads(more, self.max_streams))
-        return out
+            return self._predict_batch(batch)
 
     def _predict_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["item_id"])
-        status = [str(s) for s in batch["status"]]
-        error_class = [str(s) for s in batch["error_class"]]
-        error = [str(s) for s in batch["error"]]
+        rows = RowStatus.of(batch)
         results: dict[int, Any] = {}
         on_device = "jpeg" in batch  # compute.jpeg_decode: device
         groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i in range(n):
-            if status[i] != "ok":
+            if not rows.ok(i):
                 continue
             if on_device and len(batch["jpeg"][i]):
                 groups[("jpeg", int(batch["height"][i]), int(batch["width"][i]))].append(i)
             else:
                 groups[tuple(batch["image"][i].shape)].append(i)
-        bs = int(self.options.get("batch_size", 4))
+        bs = self.settings.batch_size
         for key, idxs in groups.items():
             for start in range(0, len(idxs), bs):
                 chunk = idxs[start : start + bs]
                 images: list[np.ndarray] | torch.Tensor
                 if key[0] == "jpeg":
-                    chunk, decoded = self._decode_on_device(batch, chunk, status, error_class, error)
+                    chunk, decoded = self._decode_on_device(batch, chunk, rows)
                     if decoded is None:
                         continue
                     images = decoded
@@ -375,15 +340,12 @@ class Predictor:
                         try:
                             results[i] = self._run_group(images[j : j + 1])[0]
                         except Exception as e:  # noqa: BLE001 - one image's failure is data
-                            status[i], error_class[i] = "error", "model_failed"
-                            error[i] = f"{batch['uri'][i]}: model failed: {type(e).__name__}: {_first_line(e)}"[:500]
-        out = {k: v for k, v in batch.items() if k not in ("image", "jpeg", "orientation", "load_seconds")}
-        out["status"] = np.asarray(status, dtype=object)
-        out["error_class"] = np.asarray(error_class, dtype=object)
-        out["error"] = np.asarray(error, dtype=object)
+                            message = f"{batch['uri'][i]}: model failed: {type(e).__name__}: {first_line(e)}"
+                            rows.fail(i, "model_failed", message[:500])
+        out = rows.into({k: v for k, v in batch.items() if k not in ("image", "jpeg", "orientation")})
         if self.task == "semantic":
-            out["label_map"] = _object_array([results[i][0] if i in results else EMPTY_LABELS for i in range(n)])
-            out["class_pixels"] = _object_array(
+            out["label_map"] = object_array([results[i][0] if i in results else EMPTY_LABELS for i in range(n)])
+            out["class_pixels"] = object_array(
                 [results[i][1] if i in results else np.zeros(0, np.int64) for i in range(n)]
             )
         else:
@@ -391,7 +353,7 @@ class Predictor:
                 [json.dumps(results[i][0], separators=(",", ":")) if i in results else "" for i in range(n)],
                 dtype=object,
             )
-            out["label_map"] = _object_array(
+            out["label_map"] = object_array(
                 [results[i][1] if i in results else np.zeros((0, 0), np.uint16) for i in range(n)]
             )
         return out

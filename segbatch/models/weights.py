@@ -20,7 +20,8 @@ from torch import nn
 
 from segbatch.errors import JobError
 from segbatch.retry import Retries
-from segbatch.spec import INSTANCE_ARCHS, SEMANTIC_ARCHS, ModelSpec
+from segbatch.models.archs import INSTANCE_ARCHS, SEMANTIC_ARCHS
+from segbatch.spec import ModelSpec
 from segbatch.storage import read_bytes
 
 __all__ = ["ResolvedWeights", "load_state_dict_bytes", "resolve_weights", "apply_weights", "torchvision_cache_path"]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from segbatch.spec import INSTANCE_ARCHS, SEMANTIC_ARCHS
+from segbatch.models.archs import INSTANCE_ARCHS, SEMANTIC_ARCHS
 
 __all__ = ["DEFAULT_NUM_CLASSES", "build_model", "configure_detector"]
 

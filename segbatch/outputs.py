@@ -1,0 +1,349 @@
+"""What an output folder holds, and the one reader of it.
+
+Layout under a job's `output.uri` (folder names are the constants below; nothing else spells them):
+
+    masks/<rel_key>.png                     label maps (semantic) or instance-id maps (`instance_png`)
+    metadata/part-<run_id>-<seq>.parquet    every finished row, in :data:`METADATA_SCHEMA` (the ledger)
+    errors/part-<run_id>-<seq>.parquet      the error rows again
+    runs/<run_id>.json                      the run manifest
+    runs/<run_id>/plan/part-<seq>.parquet   the run's plan: the work items it fed to Ray
+    superseded/<run_id>/{metadata,errors}/  parts moved aside by `--force`
+
+Resume, `--force`, `segbatch eval` and exports read committed outputs only through this module:
+:func:`read_rows` (a table), :func:`iter_parts` (part by part, for scale), :func:`latest_rows` (one row
+per item key, the latest commit), :func:`file_metadata` / :func:`output_classes` / :func:`output_task`,
+and :func:`read_ledger` (what a new run may skip, held as 64-bit hashes, not strings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from segbatch.errors import JobError
+from segbatch.retry import call_with_retries
+from segbatch.storage import filesystem, join_uri, unstrip
+
+__all__ = [
+    "ERRORS",
+    "MASKS",
+    "METADATA",
+    "METADATA_SCHEMA",
+    "PLAN",
+    "RUNS",
+    "SCHEMA_VERSION",
+    "SUPERSEDED",
+    "Ledger",
+    "file_metadata",
+    "hash64",
+    "iter_parts",
+    "latest_rows",
+    "manifest_uri",
+    "metadata_parts",
+    "output_classes",
+    "output_task",
+    "plan_uri",
+    "read_ledger",
+    "read_rows",
+    "sorted_unique",
+    "supersede",
+]
+
+logger = logging.getLogger(__name__)
+
+MASKS = "masks"
+METADATA = "metadata"
+ERRORS = "errors"
+RUNS = "runs"
+PLAN = "plan"
+SUPERSEDED = "superseded"
+
+#: Bumped whenever a column is added, removed or changes meaning (stored in each file's metadata).
+#: 2: an instance's `bbox` is its mask's tight box (it was the detector's, now `detector_bbox`).
+SCHEMA_VERSION = "2"
+
+INSTANCE_TYPE = pa.struct(
+    [
+        ("label", pa.int32()),
+        ("score", pa.float32()),
+        ("bbox", pa.list_(pa.float32(), 4)),
+        ("area", pa.int64()),
+        ("rle", pa.string()),
+        ("detector_bbox", pa.list_(pa.float32(), 4)),
+    ]
+)
+
+METADATA_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("uri", pa.string()),
+        ("version", pa.string()),
+        ("rel_key", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("error_class", pa.string()),
+        ("error", pa.string()),
+        ("mask_uri", pa.string()),
+        ("task", pa.string()),
+        ("model", pa.string()),
+        ("weights_sha256", pa.string()),
+        ("fingerprint", pa.string()),
+        ("run_id", pa.string()),
+        ("class_pixels", pa.list_(pa.int64())),
+        ("num_instances", pa.int32()),
+        ("instances", pa.list_(INSTANCE_TYPE)),
+        ("committed_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+
+def manifest_uri(output_uri: str, run_id: str) -> str:
+    """`<output>/runs/<run_id>.json`."""
+    return join_uri(output_uri, RUNS, f"{run_id}.json")
+
+
+def plan_uri(output_uri: str, run_id: str) -> str:
+    """`<output>/runs/<run_id>/plan`: the folder of a run's plan pages."""
+    return join_uri(output_uri, RUNS, run_id, PLAN)
+
+
+def _part_paths(fs: Any, root: str, folder: str) -> list[str]:
+    """Sorted paths of the Parquet parts in `<root>/<folder>` (empty when the folder does not exist)."""
+    where = f"{root.rstrip('/')}/{folder}"
+    try:
+        found = call_with_retries(lambda: fs.find(where), what=f"listing {unstrip(fs, where)}")
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in found if p.endswith(".parquet"))
+
+
+def metadata_parts(output_uri: str, storage_options: dict[str, Any] | None) -> list[str]:
+    """URIs of the committed metadata parts, in name order (run id, then sequence)."""
+    fs, root = filesystem(output_uri, storage_options)
+    return [unstrip(fs, p) for p in _part_paths(fs, root, METADATA)]
+
+
+def _schema(columns: list[str] | None) -> pa.Schema:
+    return pa.schema([METADATA_SCHEMA.field(c) for c in columns]) if columns else METADATA_SCHEMA
+
+
+def iter_parts(output_uri: str, storage_options: dict[str, Any] | None, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Each committed metadata part as a table of `columns` (all when None), cast to :data:`METADATA_SCHEMA`.
+
+    One part is in memory at a time: the way to read an output of any size.
+    """
+    fs, root = filesystem(output_uri, storage_options)
+    schema = _schema(columns)
+    # Version 1 instances are upgraded from their RLE, which needs the image size.
+    wanted = columns if columns is None or "instances" not in columns else sorted({*columns, "height", "width"})
+
+    def read_part(path: str) -> pa.Table:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=wanted)
+
+    for p in _part_paths(fs, root, METADATA):
+        t = call_with_retries(lambda: read_part(p), what=f"reading {unstrip(fs, p)}")  # noqa: B023 - called at once
+        if "instances" in schema.names and (t.schema.metadata or {}).get(b"segbatch.schema_version", b"1") == b"1":
+            t = _instances_from_v1(t)
+        yield t.select(schema.names).cast(schema)
+
+
+def _instances_from_v1(table: pa.Table) -> pa.Table:
+    """Version 1 parts stored the detector's box as `bbox`: it becomes `detector_bbox`, and `bbox` the
+    mask's own box (from its RLE), so old outputs read as new ones (resume, eval, exports)."""
+    from pycocotools import mask as mask_util
+
+    upgraded = []
+    for row in table.select(["height", "width", "instances"]).to_pylist():
+        instances = row["instances"]
+        if instances is not None:
+            size = [int(row["height"]), int(row["width"])]
+            instances = [
+                {
+                    **inst,
+                    "detector_bbox": inst["bbox"],
+                    "bbox": [float(v) for v in mask_util.toBbox({"size": size, "counts": inst["rle"].encode()})],
+                }
+                for inst in instances
+            ]
+        upgraded.append(instances)
+    index = table.schema.get_field_index("instances")
+    return table.set_column(index, "instances", pa.array(upgraded, type=pa.list_(INSTANCE_TYPE)))
+
+
+def read_rows(output_uri: str, storage_options: dict[str, Any] | None, columns: list[str] | None = None) -> pa.Table:
+    """All committed metadata rows under an output prefix (an empty table when there are none)."""
+    tables = list(iter_parts(output_uri, storage_options, columns))
+    return pa.concat_tables(tables) if tables else _schema(columns).empty_table()
+
+
+def latest_rows(table: pa.Table, by: str = "uri") -> pa.Table:
+    """One row per value of `by` (default the item's URI): the one committed last, in commit order.
+
+    A rerun after a change, or `--force`, commits an item again; readers want its newest result.
+    Ties in `committed_at` go to the row read later.
+    """
+    if table.num_rows == 0:
+        return table
+    order = pc.sort_indices(
+        table.append_column("_row", pa.array(np.arange(table.num_rows))),
+        sort_keys=[(by, "ascending"), ("committed_at", "ascending"), ("_row", "ascending")],
+    )
+    keys = pc.take(table[by], order).to_numpy(zero_copy_only=False)
+    last = np.ones(len(keys), dtype=bool)
+    last[:-1] = keys[:-1] != keys[1:]
+    picked = table.take(pc.take(order, pa.array(np.flatnonzero(last))))
+    return picked.take(pc.sort_indices(picked, sort_keys=[("committed_at", "ascending")]))
+
+
+def file_metadata(output_uri: str, storage_options: dict[str, Any] | None) -> dict[str, str]:
+    """Key-value metadata of the newest committed part (`segbatch.task`, `segbatch.classes`,
+    `segbatch.schema_version`); empty when nothing is committed."""
+    fs, root = filesystem(output_uri, storage_options)
+    parts = _part_paths(fs, root, METADATA)
+    if not parts:
+        return {}
+    with fs.open(parts[-1], "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items()}
+
+
+def output_classes(meta: dict[str, str]) -> list[str]:
+    """Class names from :func:`file_metadata` (index = label); empty when the weights named none."""
+    try:
+        return [str(c) for c in json.loads(meta.get("segbatch.classes", "null")) or []]
+    except ValueError:
+        return []
+
+
+def output_task(meta: dict[str, str]) -> str | None:
+    """The task (`semantic` / `instance`) from :func:`file_metadata`."""
+    return meta.get("segbatch.task")
+
+
+def hash64(values: Iterable[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """64-bit hashes (uint64) of strings, vectorised (pandas' SipHash with its fixed key: stable across runs).
+
+    The ledger keeps these instead of strings: 8 bytes an item. Two different ids share a hash with
+    probability ~n/2⁶⁴ per lookup (5·10⁻¹² at n = 10⁸), which would skip one item.
+    """
+    from pandas.util import hash_array
+
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        array = values.to_numpy(zero_copy_only=False).astype(object)
+    else:
+        array = np.asarray(list(values), dtype=object)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.uint64)
+    return hash_array(array, categorize=False)
+
+
+def sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
+    """The sorted distinct values of several uint64 arrays; `parts` is emptied (peak: about twice the total)."""
+    if not parts:
+        return np.zeros(0, dtype=np.uint64)
+    merged = np.concatenate(parts)
+    parts.clear()
+    merged.sort()
+    if merged.size < 2:
+        return merged
+    keep = np.empty(merged.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(merged[1:], merged[:-1], out=keep[1:])
+    return merged[keep]
+
+
+def _member(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    if sorted_hashes.size == 0 or hashes.size == 0:
+        return np.zeros(hashes.size, dtype=bool)
+    idx = np.minimum(np.searchsorted(sorted_hashes, hashes), sorted_hashes.size - 1)
+    return sorted_hashes[idx] == hashes
+
+
+@dataclass(frozen=True, slots=True)
+class Ledger:
+    """What an output already holds, as sorted 64-bit hashes: committed item ids and their URIs.
+
+    16 bytes per committed item, whatever the lengths of ids and URIs (a set of 50M strings would take
+    several GB on the driver).
+    """
+
+    done: np.ndarray
+    uris: np.ndarray
+
+    @classmethod
+    def empty(cls) -> "Ledger":
+        return cls(np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64))
+
+    @classmethod
+    def of(cls, item_ids: Iterable[str], uris: Iterable[str] = ()) -> "Ledger":
+        """A ledger from ids (and URIs) in memory (tests, small jobs)."""
+        return cls(sorted_unique([hash64(item_ids)]), sorted_unique([hash64(uris)]))
+
+    def __len__(self) -> int:
+        return int(self.done.size)
+
+    def has_items(self, item_id_hashes: np.ndarray) -> np.ndarray:
+        """Per hashed item id: committed already?"""
+        return _member(self.done, item_id_hashes)
+
+    def had_uris(self, uri_hashes: np.ndarray) -> np.ndarray:
+        """Per hashed URI: was any version of it committed before? (a new version is "changed")"""
+        return _member(self.uris, uri_hashes)
+
+
+def read_ledger(
+    output_uri: str, storage_options: dict[str, Any] | None, fingerprint: str, *, force: bool = False, run_id: str = ""
+) -> Ledger:
+    """Committed items under the output, part by part, refusing results from a different model setup.
+
+    With `force`, earlier parts are moved aside to `superseded/<run_id>/` (never deleted) and the
+    ledger is empty: everything is redone.
+
+    Raises:
+        JobError: the output holds results with another fingerprint (model, weights or preprocessing).
+    """
+    if force:
+        fs, root = filesystem(output_uri, storage_options)
+        if _part_paths(fs, root, METADATA):
+            supersede(output_uri, storage_options, run_id)
+        return Ledger.empty()
+    done: list[np.ndarray] = []
+    uris: list[np.ndarray] = []
+    others: set[str] = set()
+    for part in iter_parts(output_uri, storage_options, ["item_id", "uri", "fingerprint"]):
+        others.update(f for f in pc.unique(part["fingerprint"]).to_pylist() if f != fingerprint)
+        done.append(np.unique(hash64(part["item_id"])))
+        uris.append(np.unique(hash64(part["uri"])))
+    if others:
+        raise JobError(
+            f"output.uri '{output_uri}' already holds results made with another model, weights or "
+            f"preprocessing (fingerprint {sorted(others)[0]}, this job's is {fingerprint}); "
+            "write to a new output.uri, or pass --force to redo everything (earlier results are kept "
+            f"under {SUPERSEDED}/)"
+        )
+    return Ledger(sorted_unique(done), sorted_unique(uris))
+
+
+def supersede(output_uri: str, storage_options: dict[str, Any] | None, run_id: str) -> None:
+    """Move every metadata and errors part to `superseded/<run_id>/` (never deleted)."""
+    fs, root = filesystem(output_uri, storage_options)
+    root = root.rstrip("/")
+    for folder in (METADATA, ERRORS):
+        parts = _part_paths(fs, root, folder)
+        if not parts:
+            continue
+        target = f"{root}/{SUPERSEDED}/{run_id}/{folder}"
+        fs.makedirs(target, exist_ok=True)
+        for part in parts:
+            fs.mv(part, f"{target}/{part.rsplit('/', 1)[1]}")
+    logger.warning("--force: earlier results moved to %s/%s/%s/", output_uri.rstrip("/"), SUPERSEDED, run_id)

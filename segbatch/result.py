@@ -1,0 +1,93 @@
+"""What a run did (:class:`RunResult`) and the summaries a person reads: no Ray, no torch here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from segbatch.outputs import ERRORS, MASKS, METADATA
+from segbatch.plan import PlanCounts
+
+__all__ = ["RunResult", "format_plan", "format_summary", "result_dict"]
+
+
+@dataclass(slots=True)
+class RunResult:
+    """What a run did; also the `counts`/`timing` part of the run manifest."""
+
+    run_id: str
+    output_uri: str
+    manifest_uri: str
+    listed: int = 0
+    skipped: int = 0
+    new: int = 0
+    changed: int = 0
+    processed: int = 0
+    retried: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    stream_seconds: float = 0.0
+    images_per_second: float = 0.0
+    steady_images_per_second: float = 0.0  # after the first quarter of results: startup excluded
+    first_result_seconds: float = 0.0  # stream start to the first result rows (Ray, actors, model load, fill)
+    last_result_seconds: float = 0.0  # stream start to the last result rows (before the final commit, shutdown)
+    error_fraction: float = 0.0
+    max_error_fraction: float = 0.0
+    weights_sha256: str = ""
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def failed_budget(self) -> bool:
+        return self.error_fraction > self.max_error_fraction
+
+
+def result_dict(result: RunResult) -> dict[str, Any]:
+    """The result as plain data (for `--json` output)."""
+    return asdict(result)
+
+
+def format_summary(result: RunResult) -> str:
+    """The end-of-run summary a person reads: counts, errors by class, speed, where outputs are."""
+    out = result.output_uri.rstrip("/")
+    errors = ", ".join(f"{k}: {v}" for k, v in result.errors.items()) or "none"
+    verdict = "FAILED (error budget exceeded)" if result.failed_budget else "finished"
+    lines = [
+        f"segbatch: run {result.run_id} {verdict} in {result.wall_seconds:.1f} s",
+        f"  items      listed {result.listed} · skipped {result.skipped} (already done) · "
+        f"processed {result.processed} ({result.new} new, {result.changed} changed) · ok {result.ok} · "
+        f"error {result.error_count} · storage retries {result.retried}",
+        f"  errors     {errors} (fraction {result.error_fraction:.3f}, budget {result.max_error_fraction:.3f})",
+        _speed_line(result),
+        f"  masks      {out}/{MASKS}/",
+        f"  metadata   {out}/{METADATA}/*.parquet (errors also in {out}/{ERRORS}/)",
+        f"  manifest   {result.manifest_uri}",
+    ]
+    return "\n".join(lines)
+
+
+def _speed_line(result: RunResult) -> str:
+    """Start-up, the steady rate and the whole run apart: on a small job start-up is most of the time."""
+    if not result.processed:
+        return "  speed      nothing to process"
+    steady = f"{result.steady_images_per_second:.2f} images/s" if result.steady_images_per_second else "too few results to measure"
+    return (
+        f"  speed      start-up {result.first_result_seconds:.1f} s (Ray, actors, model load) · steady {steady} · "
+        f"{result.processed} images in {result.stream_seconds:.1f} s overall ({result.images_per_second:.2f} images/s)"
+    )
+
+
+def format_plan(job: str, input_uri: str, output_uri: str, counts: PlanCounts, seconds: float) -> str:
+    """What `segbatch plan` prints: the counts a run of the job would start from."""
+    return "\n".join(
+        [
+            f"segbatch: plan of {job} ({seconds:.1f} s)",
+            f"  input      {input_uri}",
+            f"  output     {output_uri}",
+            f"  items      listed {counts.listed} · new {counts.new} · changed {counts.changed} · "
+            f"already done {counts.skipped} · to process {counts.todo}",
+        ]
+    )

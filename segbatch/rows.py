@@ -1,0 +1,56 @@
+"""Columns every stage shares: object arrays, and the per-row status / error class / error message.
+
+Each stage reads the three status columns of its batch, marks the rows it fails, and writes them back
+(:class:`RowStatus`); a row that failed earlier stays failed and passes through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["RowStatus", "object_array"]
+
+
+def object_array(values: list[Any]) -> np.ndarray:
+    """A 1-D object array of the values (keeps ragged arrays as they are; numpy would stack equal shapes)."""
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
+@dataclass(slots=True)
+class RowStatus:
+    """The `status`, `error_class` and `error` columns of a batch, as lists a stage updates in place."""
+
+    status: list[str]
+    error_class: list[str]
+    error: list[str]
+
+    @classmethod
+    def of(cls, batch: dict[str, Any]) -> "RowStatus":
+        """The batch's current columns."""
+        return cls(
+            [str(s) for s in batch["status"]], [str(s) for s in batch["error_class"]], [str(s) for s in batch["error"]]
+        )
+
+    @classmethod
+    def all_ok(cls, n: int) -> "RowStatus":
+        return cls(["ok"] * n, [""] * n, [""] * n)
+
+    def ok(self, i: int) -> bool:
+        return self.status[i] == "ok"
+
+    def fail(self, i: int, error_class: str, message: str) -> None:
+        """Mark row `i` failed."""
+        self.status[i], self.error_class[i], self.error[i] = "error", error_class, message
+
+    def into(self, out: dict[str, Any]) -> dict[str, Any]:
+        """Write the three columns into a stage's output batch; returns it."""
+        out["status"] = np.asarray(self.status, dtype=object)
+        out["error_class"] = np.asarray(self.error_class, dtype=object)
+        out["error"] = np.asarray(self.error, dtype=object)
+        return out
