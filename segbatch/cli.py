@@ -84,7 +84,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     spec = load_job(args.job, args.overrides)
     from segbatch.models.weights import resolve_weights
     from segbatch.outputs import read_ledger
-    from segbatch.plan import count_plan, listing_errors
+    from segbatch.plan import count_plan, listing_errors, output_prefix
     from segbatch.result import format_plan
 
     started = time.time()
@@ -97,7 +97,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - a storage problem is one line, exit 1
         raise JobError(f"cannot read the outputs under output.uri '{o.uri}': {type(e).__name__}: {e}") from None
     with listing_errors(spec.input.uri):
-        counts = count_plan(spec.input, ledger)
+        counts = count_plan(spec.input, ledger, exclude_prefix=output_prefix(o.uri, o.storage_options))
     print(format_plan(args.job, spec.input.uri, o.uri, counts, time.time() - started), flush=True)
     return EXIT_OK
 

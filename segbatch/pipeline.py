@@ -285,6 +285,9 @@ def _prepare(spec: JobSpec, force: bool) -> JobRun:
             f"{', '.join('.' + e for e in spec.input.extensions)}); check the path, or set input.extensions"
         )
     result.listed, result.skipped, result.new, result.changed = c.listed, c.skipped, c.new, c.changed
+    result.excluded = c.excluded
+    if c.excluded:
+        logger.warning("left out %d objects under output.uri '%s': it lies inside input.uri", c.excluded, o.uri)
     logger.info("planned %d items (%d listed, %d already done)", c.todo, c.listed, c.skipped)
     file_metadata = {
         "segbatch.classes": json.dumps(list(weights.classes) if weights.classes else None),
@@ -367,6 +370,7 @@ def _write_manifest(run: JobRun) -> None:
             "skipped": result.skipped,
             "new": result.new,
             "changed": result.changed,
+            "excluded": result.excluded,
             "processed": result.processed,
             "retried": result.retried,
             "ok": result.ok,

@@ -105,6 +105,7 @@ class PlanCounts:
     skipped: int = 0
     new: int = 0
     changed: int = 0
+    excluded: int = 0  # objects under the job's own output prefix: never inputs (see plan_pages)
 
     @property
     def todo(self) -> int:
@@ -264,16 +265,29 @@ class _Seen:
             self._runs = [sorted_unique(self._runs)]
 
 
+def output_prefix(output_uri: str, output_options: dict[str, Any] | None) -> str:
+    """The output folder as listed URIs spell it, with a trailing '/': what planning leaves out."""
+    fs, root = filesystem(output_uri, output_options)
+    return unstrip(fs, root.rstrip("/")) + "/"
+
+
 def plan_pages(
-    spec: InputSpec, ledger: Ledger | None = None, counts: PlanCounts | None = None, page_rows: int = PAGE_ROWS
+    spec: InputSpec,
+    ledger: Ledger | None = None,
+    counts: PlanCounts | None = None,
+    page_rows: int = PAGE_ROWS,
+    exclude_prefix: str | None = None,
 ) -> Iterator[pa.Table]:
     """List the input and yield the work still to do, a page at a time, as tables in :data:`PLAN_SCHEMA`.
 
     Args:
         spec: The job's `input` section.
         ledger: What the output already holds (:func:`segbatch.outputs.read_ledger`); empty if None.
-        counts: Updated as pages are planned (listed, skipped, new, changed).
+        counts: Updated as pages are planned (listed, skipped, new, changed, excluded).
         page_rows: Objects listed per page.
+        exclude_prefix: The job's output folder (:func:`output_prefix`). With `output.uri` inside
+            `input.uri`, every rerun would list the previous masks as new images and a nightly job
+            would feed on itself; objects under it are left out and counted as `excluded`.
 
     Raises:
         FileNotFoundError, ValueError, OSError: listing problems (see :func:`listing_errors`).
@@ -283,6 +297,10 @@ def plan_pages(
     seen = _Seen()
     base, pages = _listed_pages(spec, page_rows)
     for page in pages:
+        if exclude_prefix:
+            kept = [o for o in page if not o.uri.startswith(exclude_prefix)]
+            counts.excluded += len(page) - len(kept)
+            page = kept
         if not page:
             continue
         ids = [item_id_for(o.uri, o.version) for o in page]
@@ -339,7 +357,8 @@ def write_plan(
     folder = plan_uri(output_uri, run_id)
     _, folder_path = filesystem(folder, output_options)
     plan = Plan(PlanCounts(), folder)
-    for seq, table in enumerate(plan_pages(spec, ledger, plan.counts, page_rows)):
+    exclude = output_prefix(output_uri, output_options)
+    for seq, table in enumerate(plan_pages(spec, ledger, plan.counts, page_rows, exclude_prefix=exclude)):
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd", row_group_size=PLAN_GROUP_ROWS)
         data = sink.getvalue().to_pybytes()
@@ -372,10 +391,12 @@ def read_plan_block(part_uri: str, storage_options: dict[str, Any] | None, start
     return [call_with_retries(read, what=f"reading {part_uri}")]
 
 
-def count_plan(spec: InputSpec, ledger: Ledger | None = None, page_rows: int = PAGE_ROWS) -> PlanCounts:
+def count_plan(
+    spec: InputSpec, ledger: Ledger | None = None, page_rows: int = PAGE_ROWS, exclude_prefix: str | None = None
+) -> PlanCounts:
     """Plan the input without writing anything: only the counts (`segbatch plan`, `validate --check-storage`)."""
     counts = PlanCounts()
-    for _ in plan_pages(spec, ledger, counts, page_rows):
+    for _ in plan_pages(spec, ledger, counts, page_rows, exclude_prefix=exclude_prefix):
         pass
     return counts
 

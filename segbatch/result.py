@@ -22,6 +22,7 @@ class RunResult:
     skipped: int = 0
     new: int = 0
     changed: int = 0
+    excluded: int = 0  # listed objects under output.uri, left out of the plan
     processed: int = 0
     retried: int = 0
     ok: int = 0
@@ -59,7 +60,7 @@ def format_summary(result: RunResult) -> str:
         f"segbatch: run {result.run_id} {verdict} in {result.wall_seconds:.1f} s",
         f"  items      listed {result.listed} · skipped {result.skipped} (already done) · "
         f"processed {result.processed} ({result.new} new, {result.changed} changed) · ok {result.ok} · "
-        f"error {result.error_count} · storage retries {result.retried}",
+        f"error {result.error_count} · storage retries {result.retried}{_excluded(result.excluded)}",
         f"  errors     {errors} (fraction {result.error_fraction:.3f}, budget {result.max_error_fraction:.3f})",
         _speed_line(result),
         f"  masks      {out}/{MASKS}/",
@@ -80,6 +81,10 @@ def _speed_line(result: RunResult) -> str:
     )
 
 
+def _excluded(count: int) -> str:
+    return f" · {count} objects under output.uri left out (outputs are never inputs)" if count else ""
+
+
 def format_plan(job: str, input_uri: str, output_uri: str, counts: PlanCounts, seconds: float) -> str:
     """What `segbatch plan` prints: the counts a run of the job would start from."""
     return "\n".join(
@@ -88,6 +93,6 @@ def format_plan(job: str, input_uri: str, output_uri: str, counts: PlanCounts, s
             f"  input      {input_uri}",
             f"  output     {output_uri}",
             f"  items      listed {counts.listed} · new {counts.new} · changed {counts.changed} · "
-            f"already done {counts.skipped} · to process {counts.todo}",
+            f"already done {counts.skipped} · to process {counts.todo}{_excluded(counts.excluded)}",
         ]
     )

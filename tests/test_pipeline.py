@@ -15,6 +15,7 @@ import ray
 from segbatch.load import Loader
 from segbatch.masks import decode_png_label_map, rle_to_mask
 from segbatch.pipeline import run_job
+from segbatch.result import format_summary
 from segbatch.outputs import read_rows
 from segbatch.spec import parse_job
 from segbatch.synth import write_scene_folder
@@ -84,6 +85,7 @@ def test_semantic_pipeline_equals_direct_calls(tmp_path: Path) -> None:
         "skipped": 0,
         "new": 8,
         "changed": 0,
+        "excluded": 0,
         "processed": 8,
         "retried": 0,
         "ok": 7,
@@ -217,6 +219,20 @@ def test_incremental_run_processes_only_new_and_changed(tmp_path: Path) -> None:
     for r in latest.values():  # every mask sits at masks/<its own input key>.png
         key = str(Path(r["uri"]).relative_to(tmp_path / "in"))
         assert (r["rel_key"], r["mask_uri"]) == (key, str(tmp_path / "out" / "masks" / f"{key}.png")), r["uri"]
+
+
+def test_an_output_inside_the_input_never_feeds_on_itself(tmp_path: Path) -> None:
+    write_images(tmp_path / "in", [(40, 40)] * 3, seed=11)
+    data = job(tmp_path, tmp_path / "in", task="semantic", arch="segbatch.models.small:unet_small", num_classes=4)
+    data["output"]["uri"] = str(tmp_path / "in" / "out")
+    first = run_job(parse_job(data))
+    assert (first.listed, first.excluded, first.ok) == (3, 0, 3)
+    assert len(list((tmp_path / "in" / "out" / "masks").glob("*.png"))) == 3
+
+    second = run_job(parse_job(data))  # the three masks now lie under input.uri: not inputs
+    assert (second.listed, second.skipped, second.processed, second.excluded) == (3, 3, 0, 3)
+    assert not (tmp_path / "in" / "out" / "masks" / "out").exists()  # no masks of masks
+    assert "3 objects under output.uri left out" in format_summary(second)
 
 
 def test_device_jpeg_decode_gives_the_loader_paths_results(tmp_path: Path) -> None:
