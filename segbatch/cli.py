@@ -80,15 +80,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    """Weights are resolved (their digest is part of the fingerprint the ledger is checked against), never built."""
+    """Weights are read for their digest (part of the fingerprint the ledger is checked against), never built: no torch."""
     spec = load_job(args.job, args.overrides)
-    from segbatch.models.weights import resolve_weights
+    from segbatch.models.source import read_weights
     from segbatch.outputs import read_ledger
     from segbatch.plan import count_plan, listing_errors, output_prefix
     from segbatch.result import format_plan
 
     started = time.time()
-    weights = resolve_weights(spec.model)
+    weights = read_weights(spec.model)
     o = spec.output
     try:
         ledger = read_ledger(o.uri, o.storage_options, spec.result_fingerprint(weights.sha256))

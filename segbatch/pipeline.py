@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from segbatch import __version__
 from segbatch.errors import JobError
 from segbatch.layout import ActorLayout, decide_layout
 from segbatch.load import load_batch
-from segbatch.models import Predictor, ResolvedWeights, resolve_weights
+from segbatch.models.source import WeightsBytes, read_weights
 from segbatch.outputs import manifest_uri, read_ledger
 from segbatch.progress import Progress
 from segbatch.plan import PLAN_SCHEMA, Plan, listing_errors, read_plan_block, write_plan
@@ -36,6 +36,9 @@ from segbatch.retry import call_with_retries
 from segbatch.sinks import Committer, new_run_id, rows_to_table, write_batch
 from segbatch.spec import JobSpec
 from segbatch.storage import filesystem, write_bytes_atomic
+
+if TYPE_CHECKING:  # torch comes in only when there is work: see _prepare
+    from segbatch.models.weights import ResolvedWeights
 
 __all__ = ["AfterStream", "JobRun", "RunResult", "build_dataset", "load_block_rows", "result_dict", "run_job"]
 
@@ -50,7 +53,8 @@ class JobRun:
     run_id: str
     started: float
     result: RunResult
-    weights: ResolvedWeights
+    read: WeightsBytes  # the weights' bytes and digest (torch-free)
+    weights: ResolvedWeights | None  # built and verified; None when there is nothing to process
     fingerprint: str
     plan: Plan
     committer: Committer
@@ -125,17 +129,18 @@ def _steady_rate(arrivals: list[tuple[float, int]], skip_fraction: float = 0.25)
 
 
 def _versions() -> dict[str, str]:
-    import pyarrow
-    import ray
-    import torch
-    import torchvision
+    """Installed versions, from package metadata: a run with nothing to do never imports torch or Ray."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
 
     return {
         "segbatch": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "ray": ray.__version__,
-        "pyarrow": pyarrow.__version__,
+        **{name: installed(name) for name in ("torch", "torchvision", "ray", "pyarrow")},
         "python": platform.python_version(),
     }
 
@@ -197,6 +202,8 @@ def _plan_dataset(spec: JobSpec, plan: Plan, block_rows: int) -> Any:
 def build_dataset(spec: JobSpec, plan: Plan, weights: ResolvedWeights, layout: ActorLayout) -> Any:
     """The Ray Data plan: plan pages → load (tasks) → predict (actor pool) → write (tasks)."""
     import ray
+
+    from segbatch.models.predictor import Predictor
 
     c, m = spec.compute, spec.model
     todo = plan.counts.todo
@@ -270,9 +277,9 @@ def _prepare(spec: JobSpec, force: bool) -> JobRun:
     run_id = new_run_id()
     result = RunResult(run_id=run_id, output_uri=spec.output.uri, manifest_uri=manifest_uri(spec.output.uri, run_id))
     result.max_error_fraction = spec.run.max_error_fraction
-    weights = resolve_weights(spec.model)
-    result.weights_sha256 = weights.sha256
-    fingerprint = spec.result_fingerprint(weights.sha256)
+    read = read_weights(spec.model)  # the digest is all the ledger check needs: no torch yet
+    result.weights_sha256 = read.sha256
+    fingerprint = spec.result_fingerprint(read.sha256)
     o = spec.output
     ledger = read_ledger(o.uri, o.storage_options, fingerprint, force=force, run_id=run_id)
     with listing_errors(spec.input.uri):
@@ -289,17 +296,21 @@ def _prepare(spec: JobSpec, force: bool) -> JobRun:
     if c.excluded:
         logger.warning("left out %d objects under output.uri '%s': it lies inside input.uri", c.excluded, o.uri)
     logger.info("planned %d items (%d listed, %d already done)", c.todo, c.listed, c.skipped)
-    file_metadata = {
-        "segbatch.classes": json.dumps(list(weights.classes) if weights.classes else None),
-        "segbatch.task": spec.model.task,
-    }
+    weights = None
+    if c.todo:  # build the model once and prove the weights fit it, before Ray starts
+        from segbatch.models.weights import resolve_weights
+
+        weights = resolve_weights(spec.model, read)
+    classes = weights.classes if weights is not None else spec.model.classes
+    file_metadata = {"segbatch.classes": json.dumps(list(classes) if classes else None), "segbatch.task": spec.model.task}
     committer = Committer(o, run_id, file_metadata)
-    return JobRun(spec, run_id, started, result, weights, fingerprint, plan, committer)
+    return JobRun(spec, run_id, started, result, read, weights, fingerprint, plan, committer)
 
 
 def _stream(run: JobRun) -> None:
     """Start (or join) Ray, decide the actor layout, stream the plan through the stages and commit."""
     spec, result = run.spec, run.result
+    assert run.weights is not None  # resolved in _prepare whenever there is work
     constants = {
         "task": spec.model.task,
         "model": run.weights.arch,
@@ -351,18 +362,20 @@ def _finish(run: JobRun) -> None:
 
 
 def _write_manifest(run: JobRun) -> None:
-    spec, result, weights = run.spec, run.result, run.weights
+    spec, result, weights, m = run.spec, run.result, run.weights, run.spec.model
+    # With nothing to process the model was never built: arch and classes are what the job says.
+    classes = weights.classes if weights is not None else m.classes
     manifest = {
         "run_id": result.run_id,
         "job": spec.redacted(),
         "versions": _versions(),
         "weights": {
-            "kind": weights.kind,
-            "source": weights.source,
-            "sha256": weights.sha256,
-            "arch": weights.arch,
-            "num_classes": weights.num_classes,
-            "classes": list(weights.classes) if weights.classes else None,
+            "kind": run.read.kind,
+            "source": run.read.source,
+            "sha256": run.read.sha256,
+            "arch": weights.arch if weights is not None else m.arch,
+            "num_classes": weights.num_classes if weights is not None else m.num_classes,
+            "classes": list(classes) if classes else None,
         },
         "fingerprint": run.fingerprint,
         "counts": {

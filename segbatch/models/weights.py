@@ -7,22 +7,19 @@ through Ray's object store), whichever node it runs on.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 import torch
 from torch import nn
 
 from segbatch.errors import JobError
-from segbatch.retry import Retries
 from segbatch.models.archs import INSTANCE_ARCHS, SEMANTIC_ARCHS
+from segbatch.models.source import WeightsBytes, read_weights
 from segbatch.spec import ModelSpec
-from segbatch.storage import read_bytes
 
 __all__ = ["ResolvedWeights", "load_state_dict_bytes", "resolve_weights", "apply_weights", "torchvision_cache_path"]
 
@@ -106,25 +103,14 @@ def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     model.load_state_dict(state, strict=True)
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
-def _read_checkpoint(spec: ModelSpec) -> bytes:
-    """The checkpoint's bytes; transient storage faults are retried (:mod:`segbatch.retry`)."""
-    retries = Retries()
-    try:
-        return read_bytes(spec.weights, spec.storage_options, retries=retries)
-    except FileNotFoundError:
-        raise JobError(f"model.weights: checkpoint '{spec.weights}' not found") from None
-    except Exception as e:  # noqa: BLE001 - any storage failure here is a job-level problem
-        after = f" after {retries.count} retries" if retries.count else ""
-        raise JobError(
-            f"model.weights: cannot read checkpoint '{spec.weights}'{after}: {type(e).__name__}: {e}"
-        ) from None
 
 
-def _read_torchvision(spec: ModelSpec) -> bytes:
+def read_torchvision_weights(spec: ModelSpec) -> tuple[bytes, str]:
+    """(the bytes of the arch's DEFAULT torchvision weights from torch hub's cache, their source name)."""
+    from torchvision.models import get_model_weights
+
     assert spec.arch is not None  # guaranteed by ModelSpec validation
     path, url = torchvision_cache_path(spec.arch, spec.cache_dir)
     if not os.path.exists(path):
@@ -138,59 +124,38 @@ def _read_torchvision(spec: ModelSpec) -> bytes:
                 f"'{path}' (or set model.cache_dir / TORCH_HOME), or point model.weights at a copy in your storage."
             ) from None
     with open(path, "rb") as f:
-        return f.read()
+        return f.read(), f"torchvision:{get_model_weights(spec.arch).DEFAULT}"
 
 
-def _builtin(spec: ModelSpec) -> tuple[bytes, str]:
-    name = spec.weights.split(":", 1)[1]
-    filename = f"{name}-{spec.task}.pt"
-    ref = resources.files("segbatch.models").joinpath("builtin", filename)
-    if not ref.is_file():
-        raise JobError(f"model.weights: no builtin model '{name}' for task '{spec.task}' (looked for {filename})")
-    return ref.read_bytes(), filename
-
-
-def resolve_weights(spec: ModelSpec) -> ResolvedWeights:
+def resolve_weights(spec: ModelSpec, read: WeightsBytes | None = None) -> ResolvedWeights:
     """Resolve, read and verify `model.weights`, then prove they load into the architecture.
+
+    `read` is the weights already read (:func:`segbatch.models.source.read_weights`), else they are read here.
 
     Raises:
         JobError: one line saying what is wrong and what to change.
     """
     from segbatch.models.zoo import DEFAULT_NUM_CLASSES, build_model
 
-    kind = spec.weights if spec.weights in ("none", "torchvision") else (
-        "builtin" if spec.weights.startswith("builtin:") else "checkpoint"
-    )
-    payload: bytes | None = None
+    read = read if read is not None else read_weights(spec)
+    kind, source, payload, digest = read.kind, read.source, read.payload, read.sha256
     classes: tuple[str, ...] | None = None
     arch = spec.arch
     resize: int | tuple[int, int] | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     meta: dict[str, Any] = {}
-    source = spec.weights
 
     if kind == "torchvision":
         from torchvision.models import get_model_weights
 
         assert arch is not None
         enum = get_model_weights(arch).DEFAULT
-        payload = _read_torchvision(spec)
         classes = tuple(enum.meta["categories"])
-        source = f"torchvision:{enum}"
         preset = enum.transforms()
         if arch in SEMANTIC_ARCHS:
             resize = int(preset.resize_size[0])
             mean, std = tuple(preset.mean), tuple(preset.std)  # type: ignore[assignment]
-    elif kind == "checkpoint":
-        payload = _read_checkpoint(spec)
-    elif kind == "builtin":
-        payload, source = _builtin(spec)
-        source = f"builtin:{source}"
-
-    digest = _sha256(payload) if payload is not None else "none"
-    if spec.sha256 and payload is not None and digest != spec.sha256:
-        raise JobError(f"model.sha256: checkpoint '{spec.weights}' has sha256 {digest}, expected {spec.sha256}")
 
     state: dict[str, torch.Tensor] | None = None
     if payload is not None:
