@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from segbatch.errors import JobError
+from segbatch.preflight import check_storage, describe_storage_error, is_storage_error
 from segbatch.spec import SpecError, add_override_argument, load_job
 from segbatch.submit import add_submit_parser, cmd_submit
 
@@ -82,9 +83,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     spec = load_job(args.job, args.overrides)
+    check_storage(spec)  # before importing torch and Ray: a storage problem is reported in seconds
     from segbatch.pipeline import run_job
 
-    result = run_job(spec, force=args.force)
+    try:
+        result = run_job(spec, force=args.force, preflight=False)
+    except (JobError, SpecError):
+        raise
+    except Exception as e:
+        if not is_storage_error(e):
+            raise
+        # Storage failing after work started (a commit, the manifest): one line; committed parts stay.
+        logging.getLogger(__name__).debug("storage failure during the run", exc_info=True)
+        line = describe_storage_error(e, "output.uri", spec.output.uri, spec.output.storage_options, writing=True)
+        raise JobError(f"{line} (parts committed before this stay; rerun the job to resume)") from None
     print(format_summary(result), flush=True)
     return EXIT_FAILED if result.failed_budget else EXIT_OK
 
@@ -93,11 +105,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     spec = load_job(args.job, args.overrides)
     line = f"{args.job}: ok ({spec.model.task}, {spec.model.arch or spec.model.weights}, output {spec.output.uri})"
     if args.check_storage:
+        check_storage(spec)  # before importing torch: a storage problem is reported in seconds
         from segbatch.models import resolve_weights
         from segbatch.plan import plan_items
 
         weights = resolve_weights(spec.model)
-        _, listed, _ = plan_items(spec.input)
+        try:
+            _, listed, _ = plan_items(spec.input)
+        except Exception as e:  # noqa: BLE001 - as `run`: a listing failure is one line
+            raise JobError(describe_storage_error(e, "input.uri", spec.input.uri, spec.input.storage_options)) from None
         line += f"; weights sha256 {weights.sha256[:12]}; {listed} images listed"
     print(line)
     return EXIT_OK

@@ -29,6 +29,7 @@ from segbatch.load import load_batch
 from segbatch.models import Predictor, ResolvedWeights, resolve_weights
 from segbatch.models.threads import MAX_STREAMS
 from segbatch.plan import WorkItem, plan_items
+from segbatch.preflight import check_storage
 from segbatch.retry import call_with_retries
 from segbatch.sinks import Committer, manifest_uri, new_run_id, read_committed, rows_to_table, write_batch
 from segbatch.spec import ComputeSpec, JobSpec
@@ -336,8 +337,10 @@ def build_dataset(
     return ds
 
 
-def run_job(spec: JobSpec, force: bool = False) -> RunResult:
+def run_job(spec: JobSpec, force: bool = False, *, preflight: bool = True) -> RunResult:
     """Run a job to completion: every listed item ends as exactly one committed row.
+
+    `preflight=False` skips the storage checks (segbatch.preflight) for a caller that just ran them.
 
     Raises:
         JobError: a job-level problem found before any work started (weights, storage, resources).
@@ -347,6 +350,8 @@ def run_job(spec: JobSpec, force: bool = False) -> RunResult:
     result = RunResult(run_id=run_id, output_uri=spec.output.uri, manifest_uri=manifest_uri(spec.output.uri, run_id))
     result.max_error_fraction = spec.run.max_error_fraction
 
+    if preflight:  # input lists, output takes a write, weights exist: before the ledger read and Ray
+        check_storage(spec)
     weights = resolve_weights(spec.model)
     result.weights_sha256 = weights.sha256
     fingerprint = spec.result_fingerprint(weights.sha256)
