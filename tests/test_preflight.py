@@ -248,3 +248,33 @@ def test_unknown_errors_keep_their_traceback(
     monkeypatch.setattr(segbatch.pipeline, "run_job", buggy_run_job)
     with pytest.raises(KeyError):
         cli.main(["run", str(job)])
+
+
+def test_output_bucket_gone_before_the_manifest_is_one_line(
+    s3: boto3.client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """For real, through s3fs and moto: the output bucket passes the check, then disappears before the
+    run manifest is written (a job with nothing to do, so no Ray)."""
+    import segbatch.pipeline
+
+    s3.create_bucket(Bucket="nothing-to-do")
+    s3.put_object(Bucket="nothing-to-do", Key="readme.md", Body=b"no images here")
+    s3.create_bucket(Bucket="short-lived")
+    real_plan = segbatch.pipeline.plan_items
+
+    def plan_then_drop_the_bucket(*args: object, **kwargs: object) -> object:
+        planned = real_plan(*args, **kwargs)
+        for obj in s3.list_objects_v2(Bucket="short-lived").get("Contents", []):
+            s3.delete_object(Bucket="short-lived", Key=obj["Key"])
+        s3.delete_bucket(Bucket="short-lived")
+        return planned
+
+    monkeypatch.setattr(segbatch.pipeline, "plan_items", plan_then_drop_the_bucket)
+    job = _job(tmp_path, "s3://nothing-to-do/", "s3://short-lived/out/")
+    assert cli.main(["run", str(job)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(
+        "segbatch: job failed: output.uri 's3://short-lived/out/': bucket 'short-lived' does not exist at "
+    )
+    assert err[0].endswith("(parts committed before this stay; rerun the job to resume)")
