@@ -376,8 +376,8 @@ def _format_error(err: ValidationError, source: str, set_keys: frozenset[str] = 
     """Every problem of a job file on one line, joined by '; ', each naming the key.
 
     An unknown key close to a known one gets "did you mean"; when that known key is also missing, the
-    "missing required key" for it is left out (one mistake, one message). Keys that came from `--set`
-    say so.
+    "missing required key" for it is left out (one mistake, one message). Unknown keys that came from
+    `--set` say so (they are not in the file).
     """
     errors = err.errors()
     suggestions: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # unknown key -> the known key it resembles
@@ -390,7 +390,7 @@ def _format_error(err: ValidationError, source: str, set_keys: frozenset[str] = 
     explained = set(suggestions.values())
 
     problems: list[tuple[str, str]] = []  # ("text", line) or ("invalid", key)
-    invalid: dict[str, tuple[str, str, list[str]]] = {}  # key -> (via, value, messages): union branches merged
+    invalid: dict[str, tuple[str, list[str]]] = {}  # key -> (value, messages): union branches merged
     for e in errors:
         loc = _key_loc(e["loc"])
         key = _dotted(loc)
@@ -405,19 +405,19 @@ def _format_error(err: ValidationError, source: str, set_keys: frozenset[str] = 
             value = e.get("input")
             msg = e["msg"].removeprefix("Value error, ")
             if key in invalid:
-                if msg not in invalid[key][2]:
-                    invalid[key][2].append(msg)
+                if msg not in invalid[key][1]:
+                    invalid[key][1].append(msg)
                 continue
             shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
             if len(shown) > 80:
                 shown = shown[:77] + "..."
-            invalid[key] = (via_set, shown, [msg])
+            invalid[key] = (shown, [msg])
             problems.append(("invalid", key))  # worded below, once every union branch's message is in
     lines = []
     for kind, text in problems:
         if kind == "invalid":
-            via, shown, msgs = invalid[text]
-            text = f"key '{text}'{via} has invalid value {shown}: {' or '.join(msgs)}"
+            shown, msgs = invalid[text]
+            text = f"key '{text}' has invalid value {shown}: {' or '.join(msgs)}"
         lines.append(text)
     return f"{source}: " + "; ".join(lines)
 

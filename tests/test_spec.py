@@ -232,7 +232,7 @@ def test_set_overrides_with_misspelt_keys_get_the_suggestion(tmp_path: Path, cap
     with pytest.raises(SpecError) as err:
         load_job(path, ["model.batch_sise=16", "model.batch_size=0"])
     assert str(err.value) == (
-        f"{path}: key 'model.batch_size' in --set has invalid value 0: Input should be greater than 0; "
+        f"{path}: key 'model.batch_size' has invalid value 0: Input should be greater than 0; "
         "unknown key 'model.batch_sise' in --set (did you mean 'model.batch_size'?)"
     )
     # the same through the command line: exit 2, one line
