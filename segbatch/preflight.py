@@ -17,15 +17,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from segbatch.errors import JobError
+from segbatch.retry import RetryPolicy, is_transient
 from segbatch.spec import InputSpec, JobSpec, ModelSpec, OutputSpec
 from segbatch.storage import _s3_env_options, protocol_of
 
@@ -44,6 +46,10 @@ logger = logging.getLogger(__name__)
 #: reported rather than retried.
 CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 10.0
+#: Transient faults (503 SlowDown, a reset connection) are retried this way, here alone rather than in
+#: three nested layers; a connection that cannot be made at all (refused, unknown host, connect timeout)
+#: is reported at once.
+POLICY = RetryPolicy(attempts=4, base_delay=0.2, max_delay=1.0)
 
 _S3 = ("s3", "s3a")
 _MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")  # as segbatch.plan
@@ -82,7 +88,7 @@ def check_input(spec: InputSpec) -> None:
     try:
         fs, path = _fast_filesystem(uri, spec.storage_options)
         if _is_manifest(uri):
-            info = fs.info(path)
+            info = _retrying(lambda: fs.info(path))
             if info.get("type") == "directory":
                 raise JobError(f"input.uri '{uri}': is a folder, but its name ends like a manifest file")
             return
@@ -90,9 +96,9 @@ def check_input(spec: InputSpec) -> None:
             base = path.split("*")[0].split("?")[0].split("[")[0]
             path = base.rsplit("/", 1)[0] if "/" in base else base
         if protocol_of(uri) in _S3:
-            _s3_first_page(fs, path, uri)
+            _retrying(lambda: _s3_first_page(fs, path, uri))
         else:
-            fs.info(path)
+            _retrying(lambda: fs.info(path))
     except JobError:
         raise
     except Exception as e:  # noqa: BLE001 - every storage failure becomes one line
@@ -110,11 +116,11 @@ def check_output(spec: OutputSpec) -> None:
             with open(probe, "wb") as f:
                 f.write(b"segbatch write check\n")
         else:
-            fs.pipe_file(probe, b"segbatch write check\n")
+            _retrying(lambda: fs.pipe_file(probe, b"segbatch write check\n"))
     except Exception as e:  # noqa: BLE001
         raise JobError(describe_storage_error(e, "output.uri", uri, spec.storage_options, writing=True)) from None
     try:
-        fs.rm_file(probe)
+        _retrying(lambda: fs.rm_file(probe))
     except Exception as e:  # noqa: BLE001 - the job only needs writes; say what was left behind
         logger.warning(
             "output.uri '%s': could not delete the write-check object %s (%s); it is safe to delete",
@@ -131,7 +137,7 @@ def check_weights(spec: ModelSpec) -> None:
         return
     try:
         fs, path = _fast_filesystem(weights, spec.storage_options)
-        info = fs.info(path)
+        info = _retrying(lambda: fs.info(path))
         if info.get("type") == "directory":
             raise JobError(f"model.weights: checkpoint '{weights}' is a folder, not a checkpoint file")
     except JobError:
@@ -238,6 +244,24 @@ def _fast_filesystem(uri: str, storage_options: dict[str, Any] | None) -> tuple[
     return fs, path
 
 
+T = TypeVar("T")
+
+
+def _retrying(fn: Callable[[], T]) -> T:
+    """`fn()`, again after a transient fault (:data:`POLICY`), but never when no connection could be made."""
+    for attempt in range(POLICY.attempts):
+        try:
+            return fn()
+        except Exception as e:
+            chain = list(_chain(e))
+            text = " ".join(str(x) for x in chain).lower()
+            if attempt + 1 >= POLICY.attempts or not is_transient(e) or _connection_failed(chain, text):
+                raise
+            logger.info("storage check: retrying after %s (attempt %d of %d)", type(e).__name__, attempt + 1, POLICY.attempts)
+            time.sleep(POLICY.backoff(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
 def _s3_first_page(fs: Any, path: str, uri: str) -> None:
     """One ListObjectsV2 request of at most one key: the bucket exists, answers, and the prefix has objects."""
     bucket, _, prefix = path.partition("/")
@@ -272,12 +296,20 @@ def _error_code(error: BaseException) -> str | None:
 
 
 def _connection_failed(chain: list[BaseException], text: str) -> bool:
-    names = {type(e).__name__ for e in chain}
-    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ProxyConnectionError", "ClientConnectorError"}:
+    """No connection could be made (refused, unknown host, connect timeout), as opposed to one that was
+    made and then dropped (aiobotocore reports both as EndpointConnectionError; the cause tells them apart)."""
+    try:
+        from aiohttp import ClientConnectorError
+    except ImportError:  # pragma: no cover - s3fs brings aiohttp
+        ClientConnectorError = ()  # type: ignore[assignment,misc]  # noqa: N806
+    if any(isinstance(e, (ConnectionRefusedError, socket.gaierror, ClientConnectorError)) for e in chain):
         return True
-    if any(isinstance(e, (ConnectionRefusedError, socket.gaierror)) for e in chain):
+    names = [type(e).__name__ for e in chain]
+    if {"ConnectTimeoutError", "ProxyConnectionError"} & set(names):
         return True
-    return "could not connect to the endpoint url" in text or "connection refused" in text
+    if "EndpointConnectionError" in names and names.index("EndpointConnectionError") == len(names) - 1:
+        return True  # no underlying error that says the connection was made
+    return "connection refused" in text
 
 
 def _timed_out(chain: list[BaseException]) -> bool:

@@ -278,3 +278,29 @@ def test_output_bucket_gone_before_the_manifest_is_one_line(
         "segbatch: job failed: output.uri 's3://short-lived/out/': bucket 'short-lived' does not exist at "
     )
     assert err[0].endswith("(parts committed before this stay; rerun the job to resume)")
+
+
+def test_transient_faults_are_retried_not_reported(s3: boto3.client, moto_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 503 SlowDown on the listing and a reset on the probe write are retried: the checks pass."""
+    from tests.faultproxy import FaultProxy
+
+    force = [(r"^GET .*list-type=2", "slowdown", 1), (r"^PUT .*\.segbatch-probe-", "reset", 1), (r"^HEAD ", "slowdown", 1)]
+    proxy = FaultProxy(moto_server, rate=0.0, max_faults=3, force=force)
+    proxy.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        s3.put_object(Bucket=BUCKET, Key="models/m.pt", Body=b"not really a checkpoint")
+        spec = parse_job(
+            {
+                "name": "faulty",
+                "input": {"uri": f"s3://{BUCKET}/photos/"},
+                "model": {"task": "semantic", "arch": "segbatch.models.small:unet_small", "weights": f"s3://{BUCKET}/models/m.pt"},
+                "output": {"uri": f"s3://{OUT_BUCKET}/faulty/"},
+            }
+        )
+        check_storage(spec)
+        assert proxy.injected["slowdown"] == 2 and proxy.injected["reset"] == 1, proxy.faults
+    finally:
+        proxy.stop()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=OUT_BUCKET).get("Contents", [])]
+    assert not [k for k in keys if ".segbatch-probe" in k], keys
