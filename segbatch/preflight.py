@@ -2,8 +2,8 @@
 
 `check_storage(spec)` runs before the ledger read and before Ray starts (`segbatch run`, and
 `segbatch validate --check-storage`). Every check uses its own filesystem instance with short
-timeouts and a single attempt, so a typo'd endpoint fails in seconds instead of after the retry
-layers the job itself uses (segbatch/retry.py). Each problem is one :class:`JobError` line naming the
+timeouts and one retry layer of its own (transient faults only), so a typo'd endpoint fails in
+seconds instead of after the nested retries the job itself uses (segbatch/retry.py). Each problem is one :class:`JobError` line naming the
 URI, what is wrong and the likely fix (endpoint, credentials, bucket name); :func:`describe_storage_error`
 words any storage exception the same way, for failures later in a run.
 
@@ -171,19 +171,21 @@ def describe_storage_error(
     remote = protocol_of(uri) not in ("file", "local")
     endpoint = _endpoint(uri, key, options)
 
+    s3 = protocol_of(uri) in _S3
+    endpoint_hint = "check AWS_ENDPOINT_URL / endpoint_url" if s3 else "check the network and storage_options"
     if remote and _connection_failed(chain, text):
         return (
-            f"{where}: cannot connect to the storage endpoint {endpoint}: check AWS_ENDPOINT_URL / endpoint_url "
+            f"{where}: cannot connect to the storage endpoint {endpoint}: {endpoint_hint} "
             "(host, port, http/https) and that the service is reachable"
         )
     if remote and _timed_out(chain):
-        return f"{where}: the storage endpoint {endpoint} did not answer in time: check AWS_ENDPOINT_URL / endpoint_url"
+        return f"{where}: the storage endpoint {endpoint} did not answer in time: {endpoint_hint}"
     if remote and ("NoSuchBucket" in codes or "bucket does not exist" in text):
         return (
             f"{where}: bucket '{_bucket(uri)}' does not exist at {endpoint}: check the bucket name "
             "(and the endpoint, if the bucket is elsewhere)"
         )
-    if remote and _no_credentials(chain):
+    if s3 and _no_credentials(chain):
         return (
             f"{where}: no credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an "
             "instance role), or storage_options anon: true for a public bucket"
@@ -191,7 +193,8 @@ def describe_storage_error(
     if remote and (codes & _DENIED_CODES or any(isinstance(e, PermissionError) for e in chain)):
         code = sorted(codes & _DENIED_CODES)[0] if codes & _DENIED_CODES else "access denied"
         action = "writing" if writing else "reading"
-        return f"{where}: {code} while {action} at {endpoint}: {_CREDENTIAL_HINT}"
+        hint = _CREDENTIAL_HINT if s3 else "check the credentials this filesystem uses and the bucket's permissions"
+        return f"{where}: {code} while {action} at {endpoint}: {hint}"
     if any(isinstance(e, PermissionError) for e in chain):
         what = "create or write in" if writing else "read"
         return f"{where}: permission denied: cannot {what} this path; check its owner and permissions"
