@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from segbatch.errors import JobError
+from segbatch.preflight import check_storage, describe_storage_error, is_storage_error
 from segbatch.spec import SpecError, add_override_argument, load_job
 from segbatch.submit import add_submit_parser, cmd_submit
 
@@ -69,12 +70,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     spec = load_job(args.job, args.overrides)
+    check_storage(spec)  # before importing torch and Ray: a storage problem is reported in seconds
     from segbatch.console import dropping_stderr_lines
     from segbatch.pipeline import run_job
     from segbatch.result import format_summary
 
-    with dropping_stderr_lines() as terminal:
-        result = run_job(spec, force=args.force, progress=None if args.quiet else terminal)
+    try:
+        with dropping_stderr_lines() as terminal:
+            result = run_job(spec, force=args.force, progress=None if args.quiet else terminal, preflight=False)
+    except (JobError, SpecError):
+        raise
+    except Exception as e:
+        if not is_storage_error(e):
+            raise
+        # Storage failing after work started (a commit, the manifest): one line; committed parts stay.
+        logging.getLogger(__name__).debug("storage failure during the run", exc_info=True)
+        line = describe_storage_error(e, "output.uri", spec.output.uri, spec.output.storage_options, writing=True)
+        raise JobError(f"{line} (parts committed before this stay; rerun the job to resume)") from None
     print(format_summary(result), flush=True)
     return EXIT_FAILED if result.failed_budget else EXIT_OK
 
@@ -106,11 +118,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     spec = load_job(args.job, args.overrides)
     line = f"{args.job}: ok ({spec.model.task}, {spec.model.arch or spec.model.weights}, output {spec.output.uri})"
     if args.check_storage:
+        check_storage(spec)  # before importing torch: a storage problem is reported in seconds
         from segbatch.models.weights import resolve_weights
         from segbatch.plan import count_plan
 
         weights = resolve_weights(spec.model)
-        listed = count_plan(spec.input).listed
+        try:
+            listed = count_plan(spec.input).listed
+        except Exception as e:  # noqa: BLE001 - as `run`: a listing failure is one line
+            raise JobError(describe_storage_error(e, "input.uri", spec.input.uri, spec.input.storage_options)) from None
         line += f"; weights sha256 {weights.sha256[:12]}; {listed} images listed"
     print(line)
     return EXIT_OK

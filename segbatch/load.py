@@ -230,7 +230,45 @@ def _unidentified(data: bytes, uri: str) -> ItemError:
         Image.OPEN[fmt][0](io.BytesIO(data)).close()
     except Exception as e:  # noqa: BLE001
         reason = f"{type(e).__name__}: {e}"
+    if fmt == "TIFF" and "unknown pixel mode" in reason:
+        # The header was read: it describes samples Pillow has no mode for (not damage).
+        layout = _tiff_layout(data)
+        planar = layout is not None and layout.startswith("planar")
+        fix = "a contiguous (chunky) 8- or 16-bit RGB TIFF" if planar else "an 8- or 16-bit RGB or grayscale TIFF"
+        what = f"{layout}: unknown pixel mode" if layout else "unknown pixel mode"
+        return ItemError("unsupported", f"{uri}: TIFF layout Pillow cannot decode ({what}); convert it to {fix}")
+    if any(hint in reason.lower() for hint in _UNSUPPORTED_HINTS):
+        # Read, but describing something Pillow has no decoder for: not damage either.
+        return ItemError("unsupported", f"{uri}: cannot decode this {fmt} image: {reason}")
     return _decode_error(uri, fmt, _DamagedHeader(f"header is damaged or cut short ({reason})"))
+
+
+_TIFF_SAMPLE_FORMATS = {1: "unsigned", 2: "signed", 3: "float"}
+_TIFF_PHOTOMETRIC = {0: "gray", 1: "gray", 2: "RGB", 3: "palette", 4: "mask", 5: "CMYK", 6: "YCbCr", 8: "CIELab"}
+
+
+def _tiff_layout(data: bytes) -> str | None:
+    """A TIFF's first image as words ("planar configuration, 3 RGB samples of 32-bit float"), or None."""
+    from PIL import TiffImagePlugin
+
+    try:
+        fp = io.BytesIO(data)
+        ifd = TiffImagePlugin.ImageFileDirectory_v2(fp.read(8))
+        fp.seek(ifd.next)
+        ifd.load(fp)
+        bits = tuple(ifd.get(258, (1,)))
+        formats = tuple(ifd.get(339, (1,)))
+        samples = int(ifd.get(277, len(bits)))
+        photometric = _TIFF_PHOTOMETRIC.get(int(ifd.get(262, -1)), f"photometric {ifd.get(262)}")
+        planar = int(ifd.get(284, 1)) == 2
+        extra_samples = ifd.get(338, ())
+        extra = len(extra_samples) if isinstance(extra_samples, tuple) else 1
+    except Exception:  # noqa: BLE001 - only wording depends on it
+        return None
+    width = "/".join(str(b) for b in sorted(set(bits)))
+    kind = _TIFF_SAMPLE_FORMATS.get(formats[0], f"sample format {formats[0]}") if formats else "unsigned"
+    described = f"{samples} {photometric} samples of {width}-bit {kind}" + (f" ({extra} extra)" if extra else "")
+    return f"planar configuration (separate planes), {described}" if planar else described
 
 
 class _DamagedHeader(ValueError):

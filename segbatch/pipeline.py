@@ -30,6 +30,7 @@ from segbatch.load import load_batch
 from segbatch.models.source import WeightsBytes, read_weights
 from segbatch.outputs import manifest_uri, read_ledger
 from segbatch.progress import Progress
+from segbatch.preflight import check_storage
 from segbatch.plan import PLAN_SCHEMA, Plan, listing_errors, read_plan_block, write_plan
 from segbatch.result import RunResult, result_dict
 from segbatch.retry import call_with_retries
@@ -247,7 +248,12 @@ def build_dataset(spec: JobSpec, plan: Plan, weights: ResolvedWeights, layout: A
 
 
 def run_job(
-    spec: JobSpec, force: bool = False, after_stream: Sequence[AfterStream] = (), progress: TextIO | None = None
+    spec: JobSpec,
+    force: bool = False,
+    after_stream: Sequence[AfterStream] = (),
+    progress: TextIO | None = None,
+    *,
+    preflight: bool = True,
 ) -> RunResult:
     """Run a job to completion: every listed item ends as exactly one committed row.
 
@@ -257,10 +263,14 @@ def run_job(
         after_stream: Steps run on the driver once the stream is done and committed, before the manifest.
         progress: Where to show images done against the planned total while the job streams
             (:class:`segbatch.progress.Progress`: a bar on a terminal, a line every 10 s elsewhere).
+        preflight: Check storage first (:func:`segbatch.preflight.check_storage`); False for a caller
+            that just ran the checks.
 
     Raises:
         JobError: a job-level problem found before any work started (weights, storage, resources).
     """
+    if preflight:
+        check_storage(spec)
     run = _prepare(spec, force)
     run.progress = progress
     if run.plan.counts.todo:

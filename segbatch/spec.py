@@ -1,12 +1,14 @@
 """Job specification: YAML → strict pydantic models, with `--set` overrides.
 
-Every key is typed and described; an unknown key, a missing key or a bad value is reported as one
-line naming the key, the value and the file (see :class:`SpecError`), before any Ray work starts.
+Every key is typed and described; unknown keys (with "did you mean" for a close known key), missing
+keys and bad values are reported together on one line naming the file, each key and value (see
+:class:`SpecError`), before any Ray work starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import re
@@ -374,20 +376,97 @@ def _apply_override(data: dict[str, Any], assignment: str, source: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
 
-def _format_error(err: ValidationError, data: dict[str, Any], source: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<job>"
-    kind = first["type"]
-    if kind == "missing":
-        return f"{source}: missing required key '{loc}'"
-    if kind == "extra_forbidden":
-        return f"{source}: unknown key '{loc}'"
-    value = first.get("input")
-    msg = first["msg"].removeprefix("Value error, ")
-    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return f"{source}: key '{loc}' has invalid value {shown}: {msg}"
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model at a location of the job (`()` is the job itself), or None for a plain value."""
+    cls: type[BaseModel] = JobSpec
+    for part in path:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        cls = annotation
+    return cls
+
+
+def _key_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A pydantic error location as the user's key: section and field names, list indexes, without the
+    union-member tags pydantic adds (`compute.actors.constrained-int` → `compute.actors`)."""
+    out: list[Any] = []
+    cls: type[BaseModel] | None = JobSpec
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+        elif cls is not None:
+            out.append(part)
+            field = cls.model_fields.get(part)
+            annotation = field.annotation if field is not None else None
+            cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return tuple(out)
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str | None:
+    """The known key at the same place whose name is closest to an unknown key's, if one is close."""
+    parent, name = loc[:-1], loc[-1]
+    cls = _model_at(parent)
+    if cls is None or not isinstance(name, str):
+        return None
+    candidates = {f.lower(): f for f in cls.model_fields}
+    close = difflib.get_close_matches(name.lower(), list(candidates), n=1, cutoff=0.6)
+    return candidates[close[0]] if close else None
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<job>"
+
+
+def _format_error(err: ValidationError, source: str, set_keys: frozenset[str] = frozenset()) -> str:
+    """Every problem of a job file on one line, joined by '; ', each naming the key.
+
+    An unknown key close to a known one gets "did you mean"; when that known key is also missing, the
+    "missing required key" for it is left out (one mistake, one message). Unknown keys that came from
+    `--set` say so (they are not in the file).
+    """
+    errors = err.errors()
+    suggestions: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # unknown key -> the known key it resembles
+    for e in errors:
+        if e["type"] == "extra_forbidden":
+            loc = _key_loc(e["loc"])
+            close = _suggestion(loc)
+            if close is not None:
+                suggestions[loc] = loc[:-1] + (close,)
+    explained = set(suggestions.values())
+
+    problems: list[tuple[str, str]] = []  # ("text", line) or ("invalid", key)
+    invalid: dict[str, tuple[str, list[str]]] = {}  # key -> (value, messages): union branches merged
+    for e in errors:
+        loc = _key_loc(e["loc"])
+        key = _dotted(loc)
+        via_set = " in --set" if key in set_keys else ""
+        if e["type"] == "missing":
+            if loc not in explained:
+                problems.append(("text", f"missing required key '{key}'"))
+        elif e["type"] == "extra_forbidden":
+            hint = f" (did you mean '{_dotted(suggestions[loc])}'?)" if loc in suggestions else ""
+            problems.append(("text", f"unknown key '{key}'{via_set}{hint}"))
+        else:
+            value = e.get("input")
+            msg = e["msg"].removeprefix("Value error, ")
+            if key in invalid:
+                if msg not in invalid[key][1]:
+                    invalid[key][1].append(msg)
+                continue
+            shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+            if len(shown) > 80:
+                shown = shown[:77] + "..."
+            invalid[key] = (shown, [msg])
+            problems.append(("invalid", key))  # worded below, once every union branch's message is in
+    lines = []
+    for kind, text in problems:
+        if kind == "invalid":
+            shown, msgs = invalid[text]
+            text = f"key '{text}' has invalid value {shown}: {' or '.join(msgs)}"
+        lines.append(text)
+    return f"{source}: " + "; ".join(lines)
 
 
 def parse_job(data: Any, source: str = "<job>", overrides: list[str] | None = None) -> JobSpec:
@@ -396,10 +475,11 @@ def parse_job(data: Any, source: str = "<job>", overrides: list[str] | None = No
         raise SpecError(f"{source}: expected a YAML mapping at the top level, but got {type(data).__name__}")
     for assignment in overrides or []:
         _apply_override(data, assignment, source)
+    set_keys = frozenset(a.split("=", 1)[0].strip() for a in overrides or [])
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(_format_error(e, data, source)) from None
+        raise SpecError(_format_error(e, source, set_keys)) from None
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:

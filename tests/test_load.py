@@ -597,3 +597,90 @@ def test_corpus_pixels(corpus: dict[str, CorpusFile]) -> None:
     assert (image("wide.png") == (5, 6, 7)).all() and (image("tiny.png") == (5, 6, 7)).all()
     cmyk = Image.new("CMYK", (1, 1), (10, 20, 30, 40)).convert("RGB").getpixel((0, 0))
     assert np.abs(image("cmyk.jpg").astype(int) - cmyk).max() <= 3  # JPEG is lossy
+
+
+def _tiff(planes: list[np.ndarray], *, planar: bool, photometric: int = 2) -> bytes:
+    """A minimal little-endian TIFF (one strip per plane, uncompressed), written by hand: Pillow cannot
+    write planar TIFFs, and the point is what Pillow makes of a real one."""
+    import struct
+
+    h, w = planes[0].shape
+    n = len(planes)
+    bits = planes[0].dtype.itemsize * 8
+    sample_format = {"u": 1, "i": 2, "f": 3}[planes[0].dtype.kind]
+    if planar:
+        strips = [p.tobytes() for p in planes]
+    else:
+        strips = [np.stack(planes, axis=-1).tobytes()]
+    body = b"".join(strips)
+    offsets, at = [], 8
+    for strip in strips:
+        offsets.append(at)
+        at += len(strip)
+    extra_data = b""
+
+    def array(kind: str, values: list[int]) -> int:  # stored after the pixels; returns its offset
+        nonlocal extra_data
+        where = 8 + len(body) + len(extra_data)
+        extra_data += struct.pack(f"<{len(values)}{kind}", *values)
+        return where
+
+    SHORT, LONG = 3, 4
+    tags = [
+        (256, SHORT, [w]),
+        (257, SHORT, [h]),
+        (258, SHORT, [bits] * n),
+        (259, SHORT, [1]),
+        (262, SHORT, [photometric]),
+        (273, LONG, offsets),
+        (277, SHORT, [n]),
+        (278, SHORT, [h]),
+        (279, LONG, [len(s) for s in strips]),
+        (284, SHORT, [2 if planar else 1]),
+        (339, SHORT, [sample_format] * n),
+    ]
+    entries = []
+    for tag, kind, values in tags:
+        fmt = "H" if kind == SHORT else "I"
+        if len(values) * (2 if kind == SHORT else 4) <= 4:
+            inline = struct.pack(f"<{len(values)}{fmt}", *values).ljust(4, b"\0")
+        else:
+            inline = struct.pack("<I", array(fmt, values))
+        entries.append(struct.pack("<HHI", tag, kind, len(values)) + inline)
+    ifd_at = 8 + len(body) + len(extra_data)
+    ifd = struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    return b"II*\0" + struct.pack("<I", ifd_at) + body + extra_data + ifd
+
+
+def test_planar_rgb_tiff_pillow_decodes() -> None:
+    """The hand-written TIFF is sound: as planar 8-bit RGB (which Pillow reads) it decodes exactly."""
+    rng = np.random.default_rng(5)
+    planes = [rng.integers(0, 256, (6, 7), dtype=np.uint8) for _ in range(3)]
+    out = decode_image(_tiff(planes, planar=True), "mem://planar8.tif", max_pixels=1000)
+    assert np.array_equal(out, np.stack(planes, axis=-1))
+
+
+@pytest.mark.parametrize("planar", [True, False])
+def test_tiff_layout_pillow_cannot_decode_is_named_as_such(planar: bool) -> None:
+    """Planar RGB of 32-bit floats: Pillow has no pixel mode for it. That is `unsupported` and says so,
+    not "header is damaged or cut short"."""
+    planes = [np.full((4, 5), v, dtype=np.float32) for v in (0.1, 0.5, 0.9)]
+    uri = "mem://planar-float.tif"
+    with pytest.raises(ItemError) as err:
+        decode_image(_tiff(planes, planar=planar), uri, max_pixels=1000)
+    assert err.value.error_class == "unsupported"
+    message = err.value.message
+    assert "damaged" not in message and "cut short" not in message
+    layout = "3 RGB samples of 32-bit float"
+    if planar:
+        assert message == (
+            f"{uri}: TIFF layout Pillow cannot decode (planar configuration (separate planes), {layout}: unknown "
+            "pixel mode); convert it to a contiguous (chunky) 8- or 16-bit RGB TIFF"
+        )
+    else:
+        assert message == (
+            f"{uri}: TIFF layout Pillow cannot decode ({layout}: unknown pixel mode); convert it to an 8- or 16-bit "
+            "RGB or grayscale TIFF"
+        )
+    assert any(word in message for word in PROBLEM_WORDS["unsupported"])
+

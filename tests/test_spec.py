@@ -144,3 +144,67 @@ def test_load_blocks_shrink_so_every_stream_has_work() -> None:
     assert load_block_rows(16, items=6, streams=2, batch_size=1) == 1
     assert load_block_rows(16, items=6, streams=2, batch_size=4) == 4  # never below one model batch
     assert load_block_rows(16, items=6, streams=2, batch_size=32) == 16  # nor above the configured size
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (
+            lambda d: d["input"].update(url=d["input"].pop("uri")),
+            "unknown key 'input.url' (did you mean 'input.uri'?)",
+        ),
+        (lambda d: d["model"].update(batch_sise=2), "unknown key 'model.batch_sise' (did you mean 'model.batch_size'?)"),
+        (lambda d: d["compute"].update(actor=2), "unknown key 'compute.actor' (did you mean 'compute.actors'?)"),
+        (lambda d: d.update(modle=d.pop("model")), "unknown key 'modle' (did you mean 'model'?)"),
+        (lambda d: d["model"].update(colour="red"), "unknown key 'model.colour'"),  # nothing close: no guess
+        # union branches are one problem with one key, not pydantic's `compute.actors.constrained-int`
+        (
+            lambda d: d["compute"].update(actors="x"),
+            "key 'compute.actors' has invalid value \"x\": Input should be a valid integer, unable to parse string as "
+            "an integer or Input should be a valid tuple",
+        ),
+    ],
+)
+def test_unknown_keys_suggest_the_close_one(tmp_path: Path, mutate, expected: str) -> None:
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    mutate(data)
+    path = write(tmp_path, data)
+    with pytest.raises(SpecError) as err:
+        load_job(path)
+    assert str(err.value) == f"{path}: {expected}"
+
+
+def test_every_problem_of_a_job_file_is_reported_at_once(tmp_path: Path) -> None:
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    data["model"].update(task="panoptic", batch_sise=2)
+    data["output"].pop("uri")
+    data["compute"]["gpus_per_actor"] = -1
+    path = write(tmp_path, data)
+    with pytest.raises(SpecError) as err:
+        load_job(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: ")
+    problems = message.removeprefix(f"{path}: ").split("; ")
+    assert sorted(problems) == sorted(
+        [
+            "key 'model.task' has invalid value \"panoptic\": Input should be 'semantic' or 'instance'",
+            "unknown key 'model.batch_sise' (did you mean 'model.batch_size'?)",
+            "missing required key 'output.uri'",
+            "key 'compute.gpus_per_actor' has invalid value -1: Input should be greater than or equal to 0",
+        ]
+    )
+
+
+def test_set_overrides_with_misspelt_keys_get_the_suggestion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, VALID)
+    with pytest.raises(SpecError) as err:
+        load_job(path, ["model.batch_sise=16", "model.batch_size=0"])
+    assert str(err.value) == (
+        f"{path}: key 'model.batch_size' has invalid value 0: Input should be greater than 0; "
+        "unknown key 'model.batch_sise' in --set (did you mean 'model.batch_size'?)"
+    )
+    # the same through the command line: exit 2, one line
+    assert main(["validate", str(path), "--set", "model.batch_sise=16"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"segbatch: error: {path}: unknown key 'model.batch_sise' in --set (did you mean 'model.batch_size'?)"
+    )
