@@ -134,3 +134,20 @@ def test_a_jpeg_the_device_decoder_rejects_becomes_an_error_row(tmp_path: Path) 
     assert out["label_map"][0].shape == (40, 64)
     # The loader path names the same class for the same file.
     assert Loader()(_batch(tmp_path, ["bad.jpg"]))["error_class"][0] == "truncated"
+
+
+def test_a_decoded_size_that_differs_from_the_header_is_an_error_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device decode that disagrees with the header (here: orientation lost) never gives a mask of the
+    wrong size: the batch path checks every size, and the file becomes an error row."""
+    from segbatch.models import predictor as predictor_module
+
+    (tmp_path / "a.jpg").write_bytes(_jpeg(_scene(40, 64, 1)))
+    (tmp_path / "b.jpg").write_bytes(_jpeg(_scene(40, 64, 2), orientation=6))
+    batch = Loader(LoadSettings(jpeg_decode="device"))(_batch(tmp_path, ["a.jpg", "b.jpg"]))
+    real = predictor_module.decode_jpegs
+    monkeypatch.setattr(predictor_module, "decode_jpegs", lambda data, orientations, device: real(data, [1] * len(data), device))
+    rw = resolve_weights(ModelSpec(task="semantic", arch="segbatch.models.small:unet_small", num_classes=4))
+    out = Predictor("semantic", rw, PredictSettings(batch_size=4))(batch)
+    assert list(out["status"]) == ["ok", "error"] and out["error_class"][1] == "truncated"
+    assert "decoded size (40, 64) differs from the header's (64, 40)" in out["error"][1]
+    assert out["label_map"][0].shape == (40, 64)

@@ -283,17 +283,22 @@ class Predictor:
         """
         data = [bytes(batch["jpeg"][i]) for i in idxs]
         orient = [int(batch["orientation"][i]) for i in idxs]
+        expected = [(int(batch["height"][i]), int(batch["width"][i])) for i in idxs]
         try:
-            return idxs, torch.stack(decode_jpegs(data, orient, self.device))
+            images = decode_jpegs(data, orient, self.device)
+            # Every image must have the size its header promised (the row says so, the mask will too);
+            # a mismatch goes the per-file way below and becomes that file's error row.
+            if all(tuple(im.shape[-2:]) == size for im, size in zip(images, expected)):
+                return idxs, torch.stack(images)
         except Exception:  # noqa: BLE001 - find the bad file(s), keep the rest
             pass
         good, tensors = [], []
         for i, d, o in zip(idxs, data, orient):
             try:
                 image = decode_jpegs([d], [o], self.device)[0]
-                expected = (int(batch["height"][i]), int(batch["width"][i]))
-                if tuple(image.shape[-2:]) != expected:
-                    raise ValueError(f"decoded size {tuple(image.shape[-2:])} differs from the header's {expected}")
+                size = (int(batch["height"][i]), int(batch["width"][i]))
+                if tuple(image.shape[-2:]) != size:
+                    raise ValueError(f"decoded size {tuple(image.shape[-2:])} differs from the header's {size}")
                 tensors.append(image)
                 good.append(i)
             except Exception as e:  # noqa: BLE001 - one file's failure is data
