@@ -302,7 +302,8 @@ def test_submit_runs_predict_on_the_gpu_worker_and_matches_a_local_run(
 def test_failed_job_exits_1_with_wait(ray_cluster: _TestCluster, tmp_path: Path) -> None:
     job = _write_job(tmp_path / "broken.yaml", tmp_path, tmp_path / "out")
     data = yaml.safe_load(job.read_text())
-    data["model"]["weights"] = str(tmp_path / "no-such-checkpoint.pt")  # valid YAML, fails on the cluster
+    data["model"] = {**data["model"], "arch": "lraspp_mobilenet_v3_large", "num_classes": 4,
+                     "weights": str(tmp_path / "no-such-checkpoint.pt")}  # a valid job file that fails on the cluster
     job.write_text(yaml.safe_dump(data))
     sid = f"broken-{tmp_path.name}"
     out, err = io.StringIO(), io.StringIO()
