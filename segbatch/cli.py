@@ -77,18 +77,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    """Weights are resolved (their digest is part of the fingerprint the ledger is checked against), never built."""
+    """Weights are read for their digest (part of the fingerprint the ledger is checked against), never built."""
     spec = load_job(args.job, args.overrides)
-    from segbatch.models.weights import resolve_weights
+    from segbatch.models.weights import weights_digest
     from segbatch.outputs import read_ledger
     from segbatch.plan import count_plan, listing_errors
     from segbatch.result import format_plan
 
     started = time.time()
-    weights = resolve_weights(spec.model)
+    fingerprint = spec.result_fingerprint(weights_digest(spec.model))
     o = spec.output
     try:
-        ledger = read_ledger(o.uri, o.storage_options, spec.result_fingerprint(weights.sha256))
+        ledger = read_ledger(o.uri, o.storage_options, fingerprint)
     except (JobError, SpecError):
         raise
     except Exception as e:  # noqa: BLE001 - a storage problem is one line, exit 1

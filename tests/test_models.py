@@ -242,3 +242,15 @@ def test_instances_to_labels_paints_the_most_confident_covering_detection() -> N
     # Nothing detected: all background.
     model.score_threshold = 0.95
     assert int(model(torch.zeros(1, 3, h, w))["out"].argmax(1).max()) == 0
+
+
+def test_weights_digest_is_resolve_weights_sha_without_building(tmp_path: Path) -> None:
+    from segbatch.models.weights import weights_digest
+
+    ckpt = save_checkpoint(lraspp(), tmp_path / "m.pt")
+    spec = ModelSpec(task="semantic", arch=ARCH, weights=str(ckpt), num_classes=4)
+    assert weights_digest(spec) == resolve_weights(spec).sha256
+    assert weights_digest(ModelSpec(task="semantic", arch=ARCH, num_classes=4)) == "none"
+    wrong = ModelSpec(task="semantic", arch=ARCH, weights=str(ckpt), num_classes=4, sha256="0" * 64)
+    with pytest.raises(JobError, match="model.sha256"):
+        weights_digest(wrong)

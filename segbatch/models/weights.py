@@ -24,7 +24,14 @@ from segbatch.models.archs import INSTANCE_ARCHS, SEMANTIC_ARCHS
 from segbatch.spec import ModelSpec
 from segbatch.storage import read_bytes
 
-__all__ = ["ResolvedWeights", "load_state_dict_bytes", "resolve_weights", "apply_weights", "torchvision_cache_path"]
+__all__ = [
+    "ResolvedWeights",
+    "load_state_dict_bytes",
+    "resolve_weights",
+    "apply_weights",
+    "torchvision_cache_path",
+    "weights_digest",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -150,6 +157,31 @@ def _builtin(spec: ModelSpec) -> tuple[bytes, str]:
     return ref.read_bytes(), filename
 
 
+def _verified_digest(spec: ModelSpec, payload: bytes | None) -> str:
+    digest = _sha256(payload) if payload is not None else "none"
+    if spec.sha256 and payload is not None and digest != spec.sha256:
+        raise JobError(f"model.sha256: checkpoint '{spec.weights}' has sha256 {digest}, expected {spec.sha256}")
+    return digest
+
+
+def weights_digest(spec: ModelSpec) -> str:
+    """The sha256 of the weights a job names, read and verified as :func:`resolve_weights` does, but
+    without building the model: what the result fingerprint needs (`segbatch plan`).
+
+    Raises:
+        JobError: the weights cannot be read, or differ from `model.sha256`.
+    """
+    if spec.weights == "none":
+        return "none"
+    if spec.weights == "torchvision":
+        payload = _read_torchvision(spec)
+    elif spec.weights.startswith("builtin:"):
+        payload, _ = _builtin(spec)
+    else:
+        payload = _read_checkpoint(spec)
+    return _verified_digest(spec, payload)
+
+
 def resolve_weights(spec: ModelSpec) -> ResolvedWeights:
     """Resolve, read and verify `model.weights`, then prove they load into the architecture.
 
@@ -188,9 +220,7 @@ def resolve_weights(spec: ModelSpec) -> ResolvedWeights:
         payload, source = _builtin(spec)
         source = f"builtin:{source}"
 
-    digest = _sha256(payload) if payload is not None else "none"
-    if spec.sha256 and payload is not None and digest != spec.sha256:
-        raise JobError(f"model.sha256: checkpoint '{spec.weights}' has sha256 {digest}, expected {spec.sha256}")
+    digest = _verified_digest(spec, payload)
 
     state: dict[str, torch.Tensor] | None = None
     if payload is not None:
