@@ -253,7 +253,7 @@ def sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     merged = np.concatenate(parts)
     parts.clear()
-    merged.sort()
+    merged.sort(kind="stable")  # timsort: concatenated sorted runs merge in about linear time
     if merged.size < 2:
         return merged
     keep = np.empty(merged.size, dtype=bool)

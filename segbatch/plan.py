@@ -245,7 +245,8 @@ def _listed_pages(spec: InputSpec, page_rows: int) -> tuple[str, Iterator[list[L
 class _Seen:
     """Hashes of the item ids planned so far (duplicates in a manifest are planned once).
 
-    Sorted runs, merged when they pile up: lookups stay O(log n) per id, memory 8 bytes an id.
+    Sorted runs of falling sizes, the newest merged into the one before while at least half its size
+    (so about log2(n / page) runs): lookups stay O(log n) per id, memory 8 bytes an id.
     """
 
     def __init__(self) -> None:
@@ -261,8 +262,9 @@ class _Seen:
     def add(self, hashes: np.ndarray) -> None:
         if hashes.size:
             self._runs.append(np.sort(hashes))
-        if len(self._runs) > 8:
-            self._runs = [sorted_unique(self._runs)]
+        while len(self._runs) > 1 and 2 * self._runs[-1].size >= self._runs[-2].size:
+            newest, before = self._runs.pop(), self._runs.pop()
+            self._runs.append(sorted_unique([before, newest]))
 
 
 def output_prefix(output_uri: str, output_options: dict[str, Any] | None) -> str:

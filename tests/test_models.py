@@ -321,3 +321,29 @@ def test_instances_to_labels_paints_the_most_confident_covering_detection() -> N
     # Nothing detected: all background.
     model.score_threshold = 0.95
     assert int(model(torch.zeros(1, 3, h, w))["out"].argmax(1).max()) == 0
+
+
+def test_read_weights_gives_resolve_weights_sha_without_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from segbatch.models.source import read_weights
+
+    ckpt = save_checkpoint(lraspp(), tmp_path / "m.pt")
+    spec = ModelSpec(task="semantic", arch=ARCH, weights=str(ckpt), num_classes=4)
+    assert read_weights(spec).sha256 == resolve_weights(spec).sha256
+    assert read_weights(ModelSpec(task="semantic", arch=ARCH, num_classes=4)).sha256 == "none"
+    builtin = read_weights(ModelSpec(task="instance", weights="builtin:shapes"))
+    assert builtin.source == "builtin:shapes-instance.pt" and builtin.sha256 == resolve_weights(
+        ModelSpec(task="instance", weights="builtin:shapes")
+    ).sha256
+    wrong = ModelSpec(task="semantic", arch=ARCH, weights=str(ckpt), num_classes=4, sha256="0" * 64)
+    with pytest.raises(JobError, match="model.sha256"):
+        read_weights(wrong)
+    # In a fresh interpreter: reading and hashing never import torch.
+    probe = (
+        "import sys; from segbatch.models.source import read_weights; from segbatch.spec import ModelSpec; "
+        f"read_weights(ModelSpec(task='semantic', arch='{ARCH}', weights='{ckpt}', num_classes=4)); "
+        "print('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -259,3 +259,23 @@ def test_device_jpeg_decode_gives_the_loader_paths_results(tmp_path: Path) -> No
             ma = decode_png_label_map(Path(a["mask_uri"]).read_bytes())
             mb = decode_png_label_map(Path(b["mask_uri"]).read_bytes())
             assert ma.shape == mb.shape and (ma == mb).mean() >= 0.999, name
+
+
+def test_after_stream_steps_run_before_the_manifest(tmp_path: Path) -> None:
+    write_images(tmp_path / "in", [(40, 40)] * 3, seed=9)
+    data = job(tmp_path, tmp_path / "in", task="semantic", arch="segbatch.models.small:unet_small", num_classes=4)
+    seen: list[tuple[int, int, bool]] = []
+
+    def step(run: object) -> None:  # a JobRun: every planned item is committed when it runs
+        from segbatch.pipeline import JobRun
+
+        assert isinstance(run, JobRun)
+        manifest = Path(run.result.manifest_uri)
+        seen.append((run.plan.counts.todo, read_rows(str(tmp_path / "out"), {}).num_rows, manifest.exists()))
+
+    first = run_job(parse_job(data), after_stream=[step])
+    again = run_job(parse_job(data), after_stream=[step])  # nothing to do: no stream, the step still runs
+    assert seen == [(3, 3, False), (0, 3, False)]
+    assert (first.ok, again.skipped) == (3, 3) and Path(again.manifest_uri).exists()
+    plan = json.loads(Path(first.manifest_uri).read_text())["plan_parts"]
+    assert len(plan) == 1 and pq.read_table(plan[0]).num_rows == 3  # the run's plan, kept for inspection
