@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Every Ray node the tests start binds to 127.0.0.1, so test traffic stays on loopback (Ray otherwise
@@ -55,16 +56,16 @@ def save_checkpoint(model: torch.nn.Module, path: Path, **meta: object) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def moto_server() -> Iterator[str]:
-    """A real S3 HTTP endpoint: moto's server as a separate process on 127.0.0.1 (free port)."""
+@contextmanager
+def moto_server_process(env: dict[str, str] | None = None) -> Iterator[str]:
+    """moto's S3 server as a separate process on 127.0.0.1 (a free port), with extra environment `env`."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
-    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -75,9 +76,18 @@ def moto_server() -> Iterator[str]:
     else:  # pragma: no cover - environment problem
         proc.kill()
         raise RuntimeError("moto server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A real S3 HTTP endpoint: moto's server as a separate process on 127.0.0.1 (free port)."""
+    with moto_server_process() as url:
+        yield url
 
 
 S3_ENV = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from segbatch import cli
 from segbatch.errors import JobError
 from segbatch.preflight import check_storage
 from segbatch.spec import parse_job
-from tests.conftest import free_port, write_images
+from tests.conftest import free_port, moto_server_process, write_images
 
 SEGBATCH = str(Path(sys.executable).with_name("segbatch"))
 BUCKET = "preflight-in"
@@ -177,23 +176,8 @@ def test_missing_checkpoint_on_s3(s3: boto3.client) -> None:
 @pytest.fixture()
 def strict_moto() -> Iterator[str]:
     """A second moto server that checks credentials (moto accepts any keys unless told otherwise)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-    )
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
+    with moto_server_process({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as url:
+        yield url
 
 
 def test_wrong_credentials_say_check_credentials(strict_moto: str, tmp_path: Path) -> None:
