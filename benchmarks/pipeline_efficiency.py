@@ -26,7 +26,6 @@ Usage: python benchmarks/pipeline_efficiency.py --images 64 --arch lraspp_mobile
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
