@@ -46,7 +46,7 @@ _REVIEW_SCHEMA = pa.schema(
 class _ReviewLog:
     """Writes `review.parquet` from the items passing through, in batches."""
 
-    def __init__(self, path: str, batch: int = 50_000) -> None:
+    def __init__(self, path: str, batch: int = 10_000) -> None:
         self.writer = pq.ParquetWriter(path, _REVIEW_SCHEMA, compression="zstd")
         self.batch = batch
         self.rows: dict[str, list[Any]] = {n: [] for n in _REVIEW_SCHEMA.names}

@@ -66,6 +66,8 @@ _MAX_BUCKETS = 512
 MAX_ERROR_EXAMPLES = 200
 #: `Selection.rank` of an error row that is the latest of its URI (counted, never exported).
 ERROR_RANK = -2
+#: Rows turned into Python objects at a time in pass 2 (a part may hold many more).
+ROWS_PER_BATCH = 1024
 
 
 @dataclass(slots=True)
@@ -299,6 +301,16 @@ def _semantic_objects(row: dict[str, Any], storage_options: dict[str, Any] | Non
     return out
 
 
+def _row_batches(selection: Selection) -> Iterator[tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]]:
+    """(ranks, priorities, rows as dicts) for ROWS_PER_BATCH rows at a time, over the selected parts."""
+    offset = 0
+    for part in iter_parts(selection.output_uri, selection.storage_options, parts=selection.parts):
+        for batch in part.to_batches(max_chunksize=ROWS_PER_BATCH):
+            n = batch.num_rows
+            yield selection.rank[offset : offset + n], selection.priority[offset : offset + n], batch.to_pylist()
+            offset += n
+
+
 def iter_items(
     selection: Selection,
     *,
@@ -316,46 +328,38 @@ def iter_items(
         threads: concurrent label-map reads (semantic outputs).
     """
     want: Callable[[int], bool] = masks if callable(masks) else (lambda _r: bool(masks))
-    offset = 0
     so = selection.storage_options
+
+    def build(rank: int, priority: float, row: dict[str, Any]) -> Item:
+        with_masks = want(rank)
+        if selection.task == "instance":
+            objects = _instance_objects(row, selection.min_score, with_masks)
+        else:
+            objects = _semantic_objects(row, so, with_masks)
+        return Item(
+            rank=rank,
+            review_priority=priority,
+            uri=row["uri"],
+            rel_key=row["rel_key"] or "",
+            width=int(row["width"]),
+            height=int(row["height"]),
+            fingerprint=row["fingerprint"] or "",
+            model=row["model"] or "",
+            objects=objects,
+        )
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for part in iter_parts(selection.output_uri, so, parts=selection.parts):
-            ranks = selection.rank[offset : offset + part.num_rows]
-            prios = selection.priority[offset : offset + part.num_rows]
-            offset += part.num_rows
-            rows = part.to_pylist()
-            picked: list[tuple[int, dict[str, Any]]] = []
-            for i, row in enumerate(rows):
-                if ranks[i] >= 0:
-                    picked.append((i, row))
-                elif ranks[i] == ERROR_RANK and errors is not None:
+        for ranks, prios, rows in _row_batches(selection):
+            picked: list[tuple[int, float, dict[str, Any]]] = []
+            for rank, prio, row in zip(ranks.tolist(), prios.tolist(), rows):
+                if rank >= 0:
+                    picked.append((rank, prio, row))
+                elif rank == ERROR_RANK and errors is not None:
                     errors.add(row)
-
-            def build(entry: tuple[int, dict[str, Any]]) -> Item:
-                i, row = entry
-                r = int(ranks[i])
-                with_masks = want(r)
-                if selection.task == "instance":
-                    objects = _instance_objects(row, selection.min_score, with_masks)
-                else:
-                    objects = _semantic_objects(row, so, with_masks)
-                return Item(
-                    rank=r,
-                    review_priority=float(prios[i]),
-                    uri=row["uri"],
-                    rel_key=row["rel_key"] or "",
-                    width=int(row["width"]),
-                    height=int(row["height"]),
-                    fingerprint=row["fingerprint"] or "",
-                    model=row["model"] or "",
-                    objects=objects,
-                )
-
-            if selection.task == "semantic" and any(want(int(ranks[i])) for i, _ in picked):
-                yield from pool.map(build, picked)
+            if selection.task == "semantic" and any(want(r) for r, _, _ in picked):  # PNG reads: in threads
+                yield from pool.map(lambda e: build(*e), picked)
             else:
-                yield from map(build, picked)
-            del rows, picked
+                yield from (build(*e) for e in picked)
 
 
 def in_review_order(items: Iterable[Item], total: int, workdir: str) -> Iterator[Item]:
