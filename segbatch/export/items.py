@@ -6,7 +6,8 @@ commits meanwhile are left for the next export):
 
 1. :func:`select` reads `uri`, `status`, `committed_at`, `class_pixels` and `instances`, part by part,
    and keeps three numbers a row: a 64-bit hash of the URI, the commit time and the row's
-   `review_priority` (:mod:`segbatch.export.priority`): 20 bytes a row, no strings (1M rows: 20 MB).
+   `review_priority` (:mod:`segbatch.export.priority`): 20 bytes a row, no strings (1M rows: 20 MB;
+   sorting them needs about as much again, and the ranks kept for pass 2 take 4 bytes a row).
    From them it picks the latest row per URI (the rule of :func:`segbatch.outputs.latest_rows`: a
    rerun or `--force` commits an item again; the newest wins, ties to the row read later) and gives
    every kept ok row its rank in review order (priority descending, then commit order).
@@ -234,8 +235,7 @@ def select(output_uri: str, storage_options: dict[str, Any] | None = None, *, mi
     is_ok = np.concatenate(ok)
     priority = np.concatenate(prio)
     del hashes, times, ok, prio
-    seq = np.arange(n, dtype=np.int64)
-    order = np.lexsort((seq, t, h))  # by URI hash, then commit time, then read order: the last one wins
+    order = np.lexsort((t, h))  # by URI hash, then commit time; stable, so ties keep read order: the last wins
     sorted_h = h[order]
     last = np.ones(n, dtype=bool)
     last[:-1] = sorted_h[:-1] != sorted_h[1:]
@@ -244,8 +244,8 @@ def select(output_uri: str, storage_options: dict[str, Any] | None = None, *, mi
     del order, sorted_h, last, t, h
     exported = np.flatnonzero(winner & is_ok)
     by_priority = np.lexsort((exported, -priority[exported].astype(np.float64)))
-    rank = np.full(n, -1, dtype=np.int64)
-    rank[exported[by_priority]] = np.arange(exported.size, dtype=np.int64)
+    rank = np.full(n, -1, dtype=np.int32 if n < 2**31 else np.int64)
+    rank[exported[by_priority]] = np.arange(exported.size, dtype=rank.dtype)
     rank[winner & ~is_ok] = ERROR_RANK
     errors = int((winner & ~is_ok).sum())
     return Selection(
