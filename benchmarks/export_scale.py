@@ -69,7 +69,7 @@ def generate(work: Path, rows: int, part_rows: int) -> Path:
 
     out = work / f"n{rows}" / "out"
     stamp = out.parent / ".made"
-    if stamp.exists():
+    if stamp.exists() and stamp.read_text().strip() == str(part_rows):
         return out
     shutil.rmtree(out, ignore_errors=True)
     (out / "metadata").mkdir(parents=True)
@@ -128,7 +128,7 @@ def generate(work: Path, rows: int, part_rows: int) -> Path:
         seq += 1
     again = sorted(int(i) for i in rng.choice(rows - redo, size=redo, replace=False))
     part(seq, again, start + timedelta(days=1))
-    stamp.touch()
+    stamp.write_text(str(part_rows))
     return out
 
 
