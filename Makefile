@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python benchmarks/stages.py --images 16
 	$(BIN)/python benchmarks/pipeline_efficiency.py --images 128 --batch-size 1
 	$(BIN)/python benchmarks/memory_flat.py --small 100 --large 1000
+	$(BIN)/python benchmarks/export_scale.py --rows 20000 --formats coco cvat
 
 clean:
 	rm -rf $(VENV) build *.egg-info
