@@ -1,4 +1,4 @@
-"""`segbatch` command line: run | plan | validate | demo | submit | eval.
+"""`segbatch` command line: run | plan | validate | demo | submit | eval | export | report.
 
 Exit codes: 0 the job finished (per-item errors within `run.max_error_fraction`); 1 the job failed
 (a job-level error, or too many item errors: everything is still written); 2 a bad job file or
@@ -65,7 +65,87 @@ def _parser() -> argparse.ArgumentParser:
         help="ground truth: semantic, a folder with labels/<rel_key>.png; instance, a COCO instances JSON "
         "or a folder holding instances.json (segbatch.synth.write_dataset writes one folder for both)",
     )
+    ex = sub.add_parser(
+        "export", help="write a job's committed outputs for CVAT, Label Studio or COCO tools (no model is run)"
+    )
+    ex.add_argument("output", help="the job's output.uri (reads its committed metadata and masks)")
+    ex.add_argument("--format", required=True, choices=["coco", "cvat", "labelstudio"], help="what to write")
+    ex.add_argument("--dest", default=None, help="destination folder or URI (default: OUTPUT/exports/<format>/)")
+    ex.add_argument("--min-score", type=float, default=0.0, help="leave out instances scoring below this (default: 0)")
+    ex.add_argument("--polygons", action="store_true", help="polygons (outer contours) instead of masks")
+    ex.add_argument("--layer", default=None, help="the model layer to export (outputs hold one, named by their task)")
+    ex.add_argument("--task-size", type=int, default=1000, help="cvat: images per task (default: 1000)")
+    ex.add_argument(
+        "--local-files-root",
+        default="/",
+        help="labelstudio: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, for local images (default: /)",
+    )
+    rep = sub.add_parser("report", help="write OUTPUT/report/index.html: counts, scores, errors, overlays worst-first")
+    rep.add_argument("output", help="the job's output.uri")
+    rep.add_argument("--dest", default=None, help="destination folder or URI (default: OUTPUT/report/)")
+    rep.add_argument("--min-score", type=float, default=0.0, help="leave out instances scoring below this (default: 0)")
+    rep.add_argument("--gallery", type=int, default=200, help="overlays in the gallery, worst first (default: 200)")
     return parser
+
+
+def _storage_error(output: str, e: Exception) -> JobError:
+    return JobError(f"cannot read the outputs under '{output}': {type(e).__name__}: {e}")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from segbatch.export import export_output
+
+    if args.task_size < 1:
+        raise SpecError(f"--task-size expected a positive number, but got {args.task_size}")
+    try:
+        summary = export_output(
+            args.output,
+            args.format,
+            dest=args.dest,
+            min_score=args.min_score,
+            polygons=args.polygons,
+            layer=args.layer,
+            task_size=args.task_size,
+            local_files_root=args.local_files_root,
+        )
+    except (JobError, SpecError):
+        raise
+    except (ImportError, ValueError) as e:
+        raise JobError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - a storage problem is one line, exit 1
+        raise _storage_error(args.output, e) from None
+    errors = ", ".join(f"{k} {v}" for k, v in sorted(summary["errors"].items())) or "none"
+    print(
+        f"segbatch export: {summary['format']} of {summary['task']} outputs {args.output}: "
+        f"{summary['images']} images, {summary['annotations']} objects; error rows left out: {errors}; "
+        f"older commits left out: {summary['superseded']}; {summary['seconds']:.1f} s",
+        flush=True,
+    )
+    for uri in summary["files"]:
+        print(f"  {uri}", flush=True)
+    print(json.dumps({k: v for k, v in summary.items() if k != "files"}), file=sys.stderr, flush=True)
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from segbatch.export.report import write_report_html
+
+    if args.gallery < 0:
+        raise SpecError(f"--gallery expected a number >= 0, but got {args.gallery}")
+    try:
+        summary = write_report_html(args.output, dest=args.dest, min_score=args.min_score, gallery=args.gallery)
+    except (JobError, SpecError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a storage problem is one line, exit 1
+        raise _storage_error(args.output, e) from None
+    print(
+        f"segbatch report: {summary['images']} images, {summary['overlays']} overlays, "
+        f"{summary['error_rows']} error rows: {summary['index']}",
+        flush=True,
+    )
+    return EXIT_OK
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -155,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        handlers = {"run": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate, "demo": _cmd_demo, "submit": cmd_submit, "eval": _cmd_eval}
+        handlers = {"run": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate, "demo": _cmd_demo, "submit": cmd_submit, "eval": _cmd_eval,
+                    "export": _cmd_export, "report": _cmd_report}
         return handlers[args.command](args)
     except SpecError as e:
         print(f"segbatch: error: {e}", file=sys.stderr)

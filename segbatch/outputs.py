@@ -136,10 +136,18 @@ def _schema(columns: list[str] | None) -> pa.Schema:
     return pa.schema([METADATA_SCHEMA.field(c) for c in columns]) if columns else METADATA_SCHEMA
 
 
-def iter_parts(output_uri: str, storage_options: dict[str, Any] | None, columns: list[str] | None = None) -> Iterator[pa.Table]:
+def iter_parts(
+    output_uri: str,
+    storage_options: dict[str, Any] | None,
+    columns: list[str] | None = None,
+    *,
+    parts: list[str] | None = None,
+) -> Iterator[pa.Table]:
     """Each committed metadata part as a table of `columns` (all when None), cast to :data:`METADATA_SCHEMA`.
 
-    One part is in memory at a time: the way to read an output of any size.
+    One part is in memory at a time: the way to read an output of any size. `parts` (URIs from
+    :func:`metadata_parts`) reads exactly those, in that order: readers that pass over an output twice
+    (exports) see the same rows both times while a run keeps committing new parts.
     """
     fs, root = filesystem(output_uri, storage_options)
     schema = _schema(columns)
@@ -150,7 +158,8 @@ def iter_parts(output_uri: str, storage_options: dict[str, Any] | None, columns:
         with fs.open(path, "rb") as f:
             return pq.read_table(f, columns=wanted)
 
-    for p in _part_paths(fs, root, METADATA):
+    paths = _part_paths(fs, root, METADATA) if parts is None else [filesystem(u, storage_options)[1] for u in parts]
+    for p in paths:
         t = call_with_retries(lambda: read_part(p), what=f"reading {unstrip(fs, p)}")  # noqa: B023 - called at once
         if "instances" in schema.names and (t.schema.metadata or {}).get(b"segbatch.schema_version", b"1") == b"1":
             t = _instances_from_v1(t)

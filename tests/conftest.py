@@ -109,3 +109,12 @@ def s3_env(moto_server: str) -> Iterator[str]:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def shapes_outputs(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """A semantic and an instance output of the shipped models on generated scenes (tests/prelabel.py),
+    made once for the export and report tests (a local Ray, started and stopped here)."""
+    from tests.prelabel import make_outputs
+
+    return make_outputs(tmp_path_factory.mktemp("prelabel"))
