@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from segbatch.errors import JobError
 from segbatch.outputs import Ledger, hash64, plan_uri, sorted_unique
 from segbatch.retry import call_with_retries
-from segbatch.spec import InputSpec
+from segbatch.spec import InputSpec, TilingSpec
 from segbatch.storage import (
     ListedObject,
     UnsafeKeyError,
@@ -48,6 +48,7 @@ from segbatch.storage import (
 __all__ = [
     "PAGE_ROWS",
     "PLAN_SCHEMA",
+    "SCENE_PLAN_SCHEMA",
     "Plan",
     "PlanCounts",
     "WorkItem",
@@ -78,6 +79,12 @@ PLAN_SCHEMA = pa.schema(
         ("plan_error", pa.string()),
     ]
 )
+
+#: A scene job's rows (`tiling` set): one per tile window, with the window and the scene's size.
+#: `plan_error_class` names the error class of a scene refused while planning (unreadable, corrupt...).
+SCENE_PLAN_SCHEMA = PLAN_SCHEMA.append(pa.field("plan_error_class", pa.string()))
+for _name in ("scene_width", "scene_height", "col_off", "row_off", "win_width", "win_height"):
+    SCENE_PLAN_SCHEMA = SCENE_PLAN_SCHEMA.append(pa.field(_name, pa.int32()))
 
 
 @dataclass(slots=True, frozen=True)
@@ -119,6 +126,9 @@ class Plan:
     uri: str
     parts: list[str] = field(default_factory=list)
     part_rows: list[int] = field(default_factory=list)
+    schema: pa.Schema = PLAN_SCHEMA
+    #: Scene jobs: every listed scene (`segbatch.geo.plan.PlannedScene`), done or not, for the after-stream step.
+    scenes: list[Any] = field(default_factory=list)
 
     def blocks(self, block_rows: int) -> list[tuple[str, int, int]]:
         """(part URI, first row, end row) ranges of at most `block_rows` rows, never across parts.
@@ -224,7 +234,7 @@ class _CommonBase:
         return common if scheme == "file" else f"{scheme}://{common}"
 
 
-def _listed_pages(spec: InputSpec, page_rows: int) -> tuple[str, Iterator[list[ListedObject]]]:
+def listed_pages(spec: InputSpec, page_rows: int) -> tuple[str, Iterator[list[ListedObject]]]:
     """(the base URI output keys are relative to, the listed objects a page at a time).
 
     A manifest is read twice: once for the base (keys need the base of all entries), once for the pages.
@@ -281,7 +291,7 @@ def plan_pages(
     ledger = ledger if ledger is not None else Ledger.empty()
     counts = counts if counts is not None else PlanCounts()
     seen = _Seen()
-    base, pages = _listed_pages(spec, page_rows)
+    base, pages = listed_pages(spec, page_rows)
     for page in pages:
         if not page:
             continue
@@ -329,17 +339,27 @@ def write_plan(
     output_options: dict[str, Any] | None,
     run_id: str,
     page_rows: int = PAGE_ROWS,
+    tiling: TilingSpec | None = None,
 ) -> Plan:
     """Plan the input and write its pages to `<output>/runs/<run_id>/plan/part-<seq>.parquet` (whole files).
 
     The pages are what Ray Data reads (`ray.data.read_parquet`), and they leave the run's plan open
-    to inspection afterwards.
+    to inspection afterwards. With `tiling`, every input is a scene and its rows are tile windows
+    (:data:`SCENE_PLAN_SCHEMA`, :func:`segbatch.geo.plan.scene_plan_pages`).
     """
     fs, _ = filesystem(output_uri, output_options)
     folder = plan_uri(output_uri, run_id)
     _, folder_path = filesystem(folder, output_options)
     plan = Plan(PlanCounts(), folder)
-    for seq, table in enumerate(plan_pages(spec, ledger, plan.counts, page_rows)):
+    pages: Iterator[pa.Table]
+    if tiling is not None:
+        from segbatch.geo.plan import scene_plan_pages
+
+        plan.schema = SCENE_PLAN_SCHEMA
+        pages = scene_plan_pages(spec, tiling, ledger, plan.counts, plan.scenes, page_rows)
+    else:
+        pages = plan_pages(spec, ledger, plan.counts, page_rows)
+    for seq, table in enumerate(pages):
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd", row_group_size=PLAN_GROUP_ROWS)
         data = sink.getvalue().to_pybytes()

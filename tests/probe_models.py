@@ -40,3 +40,34 @@ class ConcurrencyProbe(nn.Module):
 
 def concurrency_probe(num_classes: int) -> nn.Module:
     return ConcurrencyProbe(num_classes)
+
+
+class ColorProbe(nn.Module):
+    """A deterministic fully convolutional semantic model: class k (1-3) where channel k - 1 is the
+    brightest and above 0 after two 3x3 mean filters; else class 0.
+
+    Two 3x3 convolutions: a receptive field of 5x5 (2 px each side), well inside a 32-px overlap's 16.
+    The weights are fixed, not learnt, so any process builds the same model.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.smooth1 = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
+        self.smooth2 = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
+        with torch.no_grad():
+            self.smooth1.weight.fill_(1 / 9)
+            self.smooth2.weight.fill_(1 / 9)
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.smooth2(self.smooth1(x))
+        background = torch.zeros_like(y[:, :1])
+        logits = torch.cat([background, y], dim=1)
+        if self.num_classes > 4:
+            pad = torch.full_like(y[:, :1], -1e4).expand(-1, self.num_classes - 4, -1, -1)
+            logits = torch.cat([logits, pad], dim=1)
+        return {"out": logits[:, : self.num_classes]}
+
+
+def color_probe(num_classes: int) -> nn.Module:
+    return ColorProbe(num_classes)
