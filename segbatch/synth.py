@@ -537,6 +537,7 @@ def write_geo_scene(
     nodata_corner: int = 64,
     kind: Literal["rgb8", "uint16x4"] = "rgb8",
     truth: Path | None = None,
+    truth_key: str | None = None,
 ) -> GeoScene:
     """Write a tiled GeoTIFF scene of separated shapes in a projected CRS, with its exact truth.
 
@@ -550,8 +551,10 @@ def write_geo_scene(
     (B*10, G*10, R*10, noise), so bands [3, 2, 1] scaled with `{min: 0, max: 2550}` give back the
     8-bit RGB scene exactly.
 
-    With `truth`, also `truth/<name>.labels.tif` (uint8 labels, 255 nodata, same georeferencing) and
-    `truth/<name>.geojson` (one feature per shape, `label` and `class_name`, in the scene's CRS).
+    With `truth`, also `truth/labels/<key>.tif` (uint8 labels, 255 nodata, same georeferencing) and
+    `truth/polygons/<key>.geojson` (one feature per shape, `label` and `class_name`, in the scene's CRS),
+    `key` being `truth_key` (the scene's key relative to the job's input, as `segbatch eval` matches
+    it; default: the file name): the layout of a scene job's `masks/` and `polygons/`.
     """
     import rasterio
     from rasterio.transform import from_origin
@@ -606,15 +609,17 @@ def write_geo_scene(
     if truth is not None:
         from rasterio.features import shapes
 
-        truth.mkdir(parents=True, exist_ok=True)
-        out.truth_raster = truth / f"{path.stem}.labels.tif"
+        key = truth_key or path.name
+        out.truth_raster = truth / "labels" / f"{key}.tif"
+        out.truth_raster.parent.mkdir(parents=True, exist_ok=True)
         with rasterio.open(out.truth_raster, "w", **{**profile, "count": 1, "dtype": "uint8", "nodata": 255}) as dst:
             dst.write(labels[None])
         features = [
             {"type": "Feature", "geometry": geom, "properties": {"label": int(v), "class_name": CLASSES[int(v)]}}
             for geom, v in shapes(labels, mask=(labels > 0) & (labels < 255), transform=transform)
         ]
-        out.truth_polygons = truth / f"{path.stem}.geojson"
+        out.truth_polygons = truth / "polygons" / f"{key}.geojson"
+        out.truth_polygons.parent.mkdir(parents=True, exist_ok=True)
         collection = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": crs}}, "features": features}
         out.truth_polygons.write_text(json.dumps(collection))
     return out

@@ -66,7 +66,7 @@ def whole_scene_labels(image_chw: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def rgb_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GeoScene, object]:
     root = tmp_path_factory.mktemp("rgb")
-    scene = write_geo_scene(root / "in" / "area" / "scene.tif", truth=root / "truth", **SCENE)
+    scene = write_geo_scene(root / "in" / "area" / "scene.tif", truth=root / "truth", truth_key="area/scene.tif", **SCENE)
     spec = parse_job(scene_job(root / "in", root / "out"))
     result = run_job(spec)
     return root, scene, result
@@ -225,3 +225,16 @@ def test_bad_scenes_are_error_rows(tmp_path: Path) -> None:
     errors = pq.read_table(tmp_path / "out" / "errors")
     assert errors.num_rows == 3 + 4 and "good.tif" not in {Path(u).name for u in errors["uri"].to_pylist()}
     assert "4 of 4 windows failed" in scenes["cut.tif"]["error"]
+
+
+def test_eval_scores_a_scene_against_its_truth(rgb_run: tuple) -> None:
+    from segbatch.evaluate import evaluate_output, format_report
+
+    root, scene, _ = rgb_run
+    report = evaluate_output(str(root / "out"), str(root / "truth"))
+    assert report["kind"] == "scenes" and report["images"]["evaluated"] == 1
+    assert report["metrics"]["mIoU"] > 0.9 and report["metrics"]["pixel_accuracy"] > 0.99
+    objects = report["objects"]
+    assert objects["truth"] == objects["predicted"] == objects["matched"] == scene.objects
+    text = format_report(report)
+    assert "mIoU" in text and f"matched {scene.objects}" in text
