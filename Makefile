@@ -17,6 +17,7 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/segbatch demo
+	$(BIN)/segbatch demo --scene
 
 test: install
 	$(BIN)/python -m pytest

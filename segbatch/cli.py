@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seed", type=int, default=None, help="first scene seed (default: 10000000, the first seed after training's)"
     )
+    demo.add_argument(
+        "--scene", action="store_true",
+        help="the satellite-scene demo instead: a georeferenced scene → jobs/satellite.yaml → label COG + GeoParquet "
+        "(needs segbatch[geo])",
+    )
     add_submit_parser(sub)
     ev = sub.add_parser("eval", help="score a job's outputs against ground truth (IoU / COCO AP)")
     ev.add_argument("output", help="the job's output.uri (reads its committed metadata and masks)")
@@ -116,6 +121,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from segbatch.demo import DEMO_SEED, run_demo
 
+    if args.scene:
+        from segbatch.demo import run_scene_demo
+
+        return run_scene_demo(Path(args.workdir), seed=DEMO_SEED if args.seed is None else args.seed)
     if args.images < 1:
         raise JobError(f"segbatch demo: --images expected a positive number, but got {args.images}")
     return run_demo(Path(args.workdir), count=args.images, seed=DEMO_SEED if args.seed is None else args.seed)

@@ -238,3 +238,14 @@ def test_eval_scores_a_scene_against_its_truth(rgb_run: tuple) -> None:
     assert objects["truth"] == objects["predicted"] == objects["matched"] == scene.objects
     text = format_report(report)
     assert "mIoU" in text and f"matched {scene.objects}" in text
+
+
+def test_scene_demo_screen_says_where_the_outputs_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from segbatch.demo import run_scene_demo
+
+    assert run_scene_demo(tmp_path) == 0
+    screen = capsys.readouterr().out
+    cog = tmp_path / "demo-output" / "scenes" / "masks" / "scene.tif.tif"
+    polygons = tmp_path / "demo-output" / "scenes" / "polygons" / "scene.tif.parquet"
+    assert cog.exists() and polygons.exists()
+    assert f"COG      {cog}" in screen and f"polygons {polygons}" in screen and "QGIS" in screen and "duckdb" in screen
