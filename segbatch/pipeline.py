@@ -192,7 +192,7 @@ def build_dataset(spec: JobSpec, plan: Plan, weights: ResolvedWeights, layout: A
         from segbatch.geo.stitch import write_cores
 
         load_fn, load_kwargs = load_windows, {"settings": spec.scene_settings()}
-        write_fn, write_kwargs = write_cores, {"output": spec.output, "settings": spec.scene_settings()}
+        write_fn, write_kwargs = write_cores, {"output": spec.output, "settings": spec.scene_settings(), "task": m.task}
     ds = ds.map_batches(
         load_fn,
         batch_size=load_rows,

@@ -375,8 +375,6 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _scene_task(self) -> "JobSpec":
-        if self.tiling is not None and self.model.task != "semantic":
-            raise ValueError("tiling (scenes) supports model.task 'semantic' only, for now")
         if self.tiling is None and (self.input.bands or self.input.scale or self.input.nodata is not None):
             raise ValueError("input.bands, input.scale and input.nodata apply to scenes: add a `tiling` section")
         return self

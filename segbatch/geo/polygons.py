@@ -83,9 +83,17 @@ def polygonize(path: Path, window: int = 2048, skip: tuple[int, ...] = (0,)) -> 
 
 
 def write_geoparquet(
-    path: Path, labels: list[int], polygons: list[Any], crs: Any, classes: list[str], rel_key: str, uri: str
+    path: Path,
+    labels: list[int],
+    polygons: list[Any],
+    crs: Any,
+    classes: list[str],
+    rel_key: str,
+    uri: str,
+    scores: list[float] | None = None,
 ) -> int:
-    """Write the polygons as GeoParquet 1.1 (`label`, `class_name`, `rel_key`, `uri`, `geometry`, `bbox`); returns rows."""
+    """Write the polygons as GeoParquet 1.1 (`label`, `class_name`, [`score`], `rel_key`, `uri`, `geometry`,
+    `bbox`); returns rows."""
     import geopandas as gpd
 
     names = [classes[v] if 0 <= v < len(classes) else str(v) for v in labels]
@@ -93,6 +101,7 @@ def write_geoparquet(
         {
             "label": np.asarray(labels, dtype=np.int32),
             "class_name": names,
+            **({"score": np.asarray(scores, dtype=np.float32)} if scores is not None else {}),
             "rel_key": [rel_key] * len(labels),
             "uri": [uri] * len(labels),
         },

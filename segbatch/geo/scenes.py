@@ -182,6 +182,8 @@ def _assemble(scene: PlannedScene, spec: Any, classes: list[str], dtype: str, ba
 
     o, t = spec.output, spec.tiling
     started = time.time()
+    if spec.model.task == "instance":
+        return _assemble_instances(scene, spec, classes, base, started)
     mask_uri = join_uri(o.uri, MASKS, f"{scene.rel_key}.tif")
     try:
         with tempfile.TemporaryDirectory(prefix="segbatch-scene-") as tmp:
@@ -200,6 +202,40 @@ def _assemble(scene: PlannedScene, spec: Any, classes: list[str], dtype: str, ba
                 base["polygons_uri"] = poly_uri
         base["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - one scene's failure is its row, the others go on
+        logger.exception("%s: cannot assemble the scene", scene.uri)
+        base.update(status="error", error_class="write_failed", error=f"{scene.uri}: cannot assemble: {type(e).__name__}: {e}")
+    base["assemble_seconds"] = round(time.time() - started, 3)
+    return base
+
+
+def _assemble_instances(scene: PlannedScene, spec: Any, classes: list[str], base: dict[str, Any], started: float) -> dict[str, Any]:
+    """Instance scenes: the owned objects of every window, seam pieces merged, as GeoParquet polygons."""
+    import shapely.affinity
+
+    from segbatch.geo.instances import scene_objects
+    from segbatch.geo.polygons import write_geoparquet
+    from segbatch.geo.stitch import part_uri
+
+    o, t, h = spec.output, spec.tiling, scene.header
+    try:
+        fs, _ = filesystem(o.uri, o.storage_options)
+        parts = []
+        for w in grid(h.width, h.height, t.size, t.overlap):
+            _, p = filesystem(part_uri(o.uri, scene.rel_key, w, "json"), o.storage_options)
+            parts.append(bytes(call_with_retries(lambda: fs.cat_file(p), what=f"reading {p}")))  # noqa: B023
+        labels, scores, polys = scene_objects(parts)
+        a = h.transform
+        world = [shapely.affinity.affine_transform(p, [a[0], a[1], a[3], a[4], a[2], a[5]]) for p in polys]
+        from rasterio.crs import CRS
+
+        crs = CRS.from_wkt(h.crs_wkt) if h.crs_wkt else None
+        with tempfile.TemporaryDirectory(prefix="segbatch-scene-") as tmp:
+            gpq = Path(tmp) / "polygons.parquet"
+            base["polygons"] = write_geoparquet(gpq, labels, world, crs, classes, scene.rel_key, scene.uri, scores)
+            poly_uri = join_uri(o.uri, POLYGONS, f"{scene.rel_key}.parquet")
+            put_file(gpq, poly_uri, o.storage_options)
+        base.update(status="ok", polygons_uri=poly_uri)
+    except Exception as e:  # noqa: BLE001 - one scene's failure is its row
         logger.exception("%s: cannot assemble the scene", scene.uri)
         base.update(status="error", error_class="write_failed", error=f"{scene.uri}: cannot assemble: {type(e).__name__}: {e}")
     base["assemble_seconds"] = round(time.time() - started, 3)
