@@ -268,3 +268,19 @@ def test_instance_objects_on_seams_are_counted_once(tmp_path: Path) -> None:
     assert match_polygons(truth, frame, threshold=0.9) == scene.objects  # each object whole, not a piece
     rows = read_rows(str(tmp_path / "out"), {}).to_pylist()
     assert sum(r["num_instances"] for r in rows) > scene.objects  # seam objects left pieces in two windows: merged
+
+
+def test_a_tiff_without_georeferencing_runs_in_pixel_coordinates(tmp_path: Path) -> None:
+    scene = write_geo_scene(tmp_path / "geo.tif", width=300, height=260, spacing=100, seed=7)
+    with rasterio.open(scene.path) as src:
+        data = src.read()
+    plain = tmp_path / "in" / "plain.tif"
+    plain.parent.mkdir()
+    with rasterio.open(plain, "w", driver="GTiff", width=300, height=260, count=3, dtype="uint8") as dst:
+        dst.write(data)
+    result = run_job(parse_job(scene_job(tmp_path / "in", tmp_path / "out")))
+    assert result.ok == 4
+    (row,) = read_scene_rows(str(tmp_path / "out"), {}).to_pylist()
+    assert row["status"] == "ok" and row["crs"] is None and "not georeferenced" in row["warning"]
+    frame = gpd.read_parquet(tmp_path / "out" / "polygons" / "plain.tif.parquet")
+    assert frame.crs is None and len(frame) == scene.objects and frame.total_bounds[2] <= 300

@@ -50,6 +50,7 @@ SCENE_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error_class", pa.string()),
         ("error", pa.string()),
+        ("warning", pa.string()),
         ("mask_uri", pa.string()),
         ("polygons_uri", pa.string()),
         ("width", pa.int32()),
@@ -78,7 +79,7 @@ def read_scene_rows(output_uri: str, storage_options: dict[str, Any] | None) -> 
     for p in paths:
         with fs.open(p, "rb") as f:
             tables.append(pq.read_table(f).cast(SCENE_SCHEMA))
-    return pa.concat_tables(tables) if tables else SCENE_SCHEMA.empty_table()
+    return pa.concat_tables(tables, promote_options="default") if tables else SCENE_SCHEMA.empty_table()
 
 
 def _window_status(output_uri: str, storage_options: dict[str, Any] | None) -> tuple[np.ndarray, dict[int, str], dict[int, str]]:
@@ -149,7 +150,7 @@ def _finish_one(
     o, t = spec.output, spec.tiling
     base: dict[str, Any] = {
         "uri": scene.uri, "version": scene.version, "rel_key": scene.rel_key, "run_id": run_id,
-        "windows": scene.windows, "status": "error", "error_class": None, "error": None, "mask_uri": None,
+        "windows": scene.windows, "status": "error", "error_class": None, "error": None, "warning": None, "mask_uri": None,
         "polygons_uri": None, "width": 0, "height": 0, "crs": None, "transform": None, "polygons": None,
         "class_pixels": None, "assemble_seconds": None,
     }
@@ -162,6 +163,8 @@ def _finish_one(
         base["error"] = failed_msg.get(key, f"{scene.uri}: scene could not be planned")
         return base
     base.update(width=h.width, height=h.height, crs=h.crs_wkt, transform=list(h.transform))
+    if not h.georeferenced:
+        base["warning"] = f"{scene.uri}: not georeferenced (no CRS): the COG and the polygons are in pixel coordinates"
     wins = grid(h.width, h.height, t.size, t.overlap)
     hashes = hash64([window_item_id(scene.uri, scene.version, window_key(w)) for w in wins])
     idx = np.minimum(np.searchsorted(done, hashes), max(done.size - 1, 0))
