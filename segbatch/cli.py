@@ -99,7 +99,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - a storage problem is one line, exit 1
         raise JobError(f"cannot read the outputs under output.uri '{o.uri}': {type(e).__name__}: {e}") from None
     with listing_errors(spec.input.uri):
-        counts = count_plan(spec.input, ledger)
+        counts = count_plan(spec.input, ledger, tiling=spec.tiling)
     print(format_plan(args.job, spec.input.uri, o.uri, counts, time.time() - started), flush=True)
     return EXIT_OK
 
@@ -112,7 +112,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         from segbatch.plan import count_plan
 
         weights = resolve_weights(spec.model)
-        listed = count_plan(spec.input).listed
+        listed = count_plan(spec.input, tiling=spec.tiling).listed
         line += f"; weights sha256 {weights.sha256[:12]}; {listed} images listed"
     print(line)
     return EXIT_OK

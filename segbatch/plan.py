@@ -392,10 +392,21 @@ def read_plan_block(part_uri: str, storage_options: dict[str, Any] | None, start
     return [call_with_retries(read, what=f"reading {part_uri}")]
 
 
-def count_plan(spec: InputSpec, ledger: Ledger | None = None, page_rows: int = PAGE_ROWS) -> PlanCounts:
-    """Plan the input without writing anything: only the counts (`segbatch plan`, `validate --check-storage`)."""
+def count_plan(
+    spec: InputSpec, ledger: Ledger | None = None, page_rows: int = PAGE_ROWS, tiling: TilingSpec | None = None
+) -> PlanCounts:
+    """Plan the input without writing anything: only the counts (`segbatch plan`, `validate --check-storage`).
+
+    With `tiling` the counts are windows (each scene's header is read).
+    """
     counts = PlanCounts()
-    for _ in plan_pages(spec, ledger, counts, page_rows):
+    if tiling is not None:
+        from segbatch.geo.plan import scene_plan_pages
+
+        pages: Iterator[pa.Table] = scene_plan_pages(spec, tiling, ledger, counts, None, page_rows)
+    else:
+        pages = plan_pages(spec, ledger, counts, page_rows)
+    for _ in pages:
         pass
     return counts
 

@@ -284,3 +284,16 @@ def test_a_tiff_without_georeferencing_runs_in_pixel_coordinates(tmp_path: Path)
     assert row["status"] == "ok" and row["crs"] is None and "not georeferenced" in row["warning"]
     frame = gpd.read_parquet(tmp_path / "out" / "polygons" / "plain.tif.parquet")
     assert frame.crs is None and len(frame) == scene.objects and frame.total_bounds[2] <= 300
+
+
+def test_segbatch_plan_counts_windows(rgb_run: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from segbatch.cli import main
+
+    root, scene, _ = rgb_run
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(scene_job(scene.path.parent.parent, root / "out")))
+    assert main(["plan", str(job)]) == 0
+    printed = capsys.readouterr().out
+    assert "listed 9 · new 0 · changed 0 · already done 9 · to process 0" in printed, printed
