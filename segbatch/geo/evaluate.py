@@ -84,7 +84,7 @@ def evaluate_scenes(output_uri: str, truth_uri: str, classes: list[str], storage
         if not tfs.exists(truth_raster):
             missing.append(key)
             continue
-        with rasterio.open(truth_raster) as t, rasterio.open(row["mask_uri"]) as p:
+        with rasterio.Env(GDAL_CACHEMAX=64), rasterio.open(truth_raster) as t, rasterio.open(row["mask_uri"]) as p:
             if (t.width, t.height) != (p.width, p.height):
                 raise JobError(f"segbatch eval: truth {truth_raster} is {t.width}x{t.height}, the scene {p.width}x{p.height}")
             for y in range(0, t.height, EVAL_WINDOW):
