@@ -85,6 +85,9 @@ PLAN_SCHEMA = pa.schema(
 SCENE_PLAN_SCHEMA = PLAN_SCHEMA.append(pa.field("plan_error_class", pa.string()))
 for _name in ("scene_width", "scene_height", "col_off", "row_off", "win_width", "win_height"):
     SCENE_PLAN_SCHEMA = SCENE_PLAN_SCHEMA.append(pa.field(_name, pa.int32()))
+#: Per-scene scaling from `input.scale.percentile` (one value per band read; empty otherwise).
+for _name in ("scale_min", "scale_max"):
+    SCENE_PLAN_SCHEMA = SCENE_PLAN_SCHEMA.append(pa.field(_name, pa.list_(pa.float64())))
 
 
 @dataclass(slots=True, frozen=True)

@@ -74,13 +74,32 @@ class _Strict(BaseModel):
 
 
 class ScaleSpec(_Strict):
-    """Linear scaling of band values to 0..255 (scenes)."""
+    """Linear scaling of band values to 0..255 (scenes): fixed `min`/`max`, or per-scene `percentile`s."""
 
-    min: float | tuple[float, ...] = Field(description="Value that becomes 0: one number, or one per band read.")
-    max: float | tuple[float, ...] = Field(description="Value that becomes 255: one number, or one per band read.")
+    min: float | tuple[float, ...] | None = Field(
+        default=None, description="Value that becomes 0: one number, or one per band read."
+    )
+    max: float | tuple[float, ...] | None = Field(
+        default=None, description="Value that becomes 255: one number, or one per band read."
+    )
+    percentile: tuple[float, float] | None = Field(
+        default=None,
+        description="Instead of min/max: per scene and band, the [low, high] percentiles of its values (nodata "
+        "left out) become 0 and 255. Stats source: the scene's smallest internal overview whose longest side is "
+        "at least 512 px, else 16 evenly spaced 256² windows at full resolution (never the whole scene).",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> "ScaleSpec":
+        if self.percentile is not None:
+            if self.min is not None or self.max is not None:
+                raise ValueError("scale takes either min/max or percentile, not both")
+            lo_p, hi_p = self.percentile
+            if not 0 <= lo_p < hi_p <= 100:
+                raise ValueError(f"expected 0 <= low < high <= 100, but got percentile [{lo_p}, {hi_p}]")
+            return self
+        if self.min is None or self.max is None:
+            raise ValueError("scale expected both min and max (or percentile)")
         lo = self.min if isinstance(self.min, tuple) else (self.min,)
         hi = self.max if isinstance(self.max, tuple) else (self.max,)
         if len(lo) > 1 and len(hi) > 1 and len(lo) != len(hi):

@@ -297,3 +297,27 @@ def test_segbatch_plan_counts_windows(rgb_run: tuple, tmp_path: Path, capsys: py
     assert main(["plan", str(job)]) == 0
     printed = capsys.readouterr().out
     assert "listed 9 · new 0 · changed 0 · already done 9 · to process 0" in printed, printed
+
+
+def test_percentile_scale_comes_from_an_overview_or_sampled_windows(tmp_path: Path) -> None:
+    from segbatch.geo.read import percentile_scale
+    from segbatch.spec import SceneSettings
+
+    scene = write_geo_scene(tmp_path / "in" / "s.tif", kind="uint16x4", width=700, height=600, spacing=100, seed=3)
+    settings = SceneSettings(bands=(3, 2, 1), scale=ScaleSpec(percentile=(0, 100)))
+    with open_scene(str(scene.path), {}) as ds:
+        assert not ds.overviews(1)
+        sampled = percentile_scale(ds, settings)  # 16 windows: nodata (0) left out
+    assert min(sampled.min) >= 300 and max(sampled.max) <= 2550
+    with rasterio.open(scene.path, "r+") as ds:
+        ds.build_overviews([2], rasterio.enums.Resampling.nearest)
+    with open_scene(str(scene.path), {}) as ds:
+        assert ds.overviews(1) == [2]
+        from_overview = percentile_scale(ds, settings)
+    assert max(from_overview.max) == 2100 and min(from_overview.min) >= 300  # the shapes' 210 * 10
+    with pytest.raises(ValueError, match="not both"):
+        ScaleSpec(min=0, max=1, percentile=(2, 98))
+    result = run_job(parse_job(scene_job(tmp_path / "in", tmp_path / "out", bands=[3, 2, 1], scale={"percentile": [2, 98]})))
+    assert result.ok == 9
+    plan = pq.read_table(next((tmp_path / "out" / "runs").glob("*/plan/*.parquet")))
+    assert len(plan["scale_min"][0].as_py()) == 3 and plan["scale_max"][0].as_py() == plan["scale_max"][8].as_py()

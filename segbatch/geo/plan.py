@@ -72,11 +72,25 @@ def scene_plan_pages(
     seen: set[str] = set()
     base, pages = listed_pages(spec, page_rows)
 
+    percentile = spec.scale is not None and spec.scale.percentile is not None
+    stats: dict[str, tuple[list[float], list[float]]] = {}
+
     def header(uri: str) -> SceneHeader | ItemError:
         try:
-            return read_header(uri, spec.storage_options, spec.bands)
+            head = read_header(uri, spec.storage_options, spec.bands)
+            if percentile:  # the scene's own scale, once, here: every window of it then scales alike
+                from segbatch.geo.read import open_scene, percentile_scale
+                from segbatch.spec import SceneSettings
+
+                settings = SceneSettings(storage_options=spec.storage_options, bands=spec.bands, scale=spec.scale, nodata=spec.nodata)
+                with open_scene(uri, spec.storage_options) as ds:
+                    found = percentile_scale(ds, settings)
+                stats[uri] = (list(found.min), list(found.max))  # type: ignore[arg-type]
+            return head
         except ItemError as e:
             return e
+        except Exception as e:  # noqa: BLE001 - stats that cannot be read make the scene an error row
+            return ItemError("truncated", f"{uri}: cannot read values for input.scale.percentile: {type(e).__name__}: {e}")
 
     for page in pages:
         page = [o for o in page if not (o.uri in seen or seen.add(o.uri))]  # type: ignore[func-returns-value]
@@ -120,6 +134,7 @@ def scene_plan_pages(
                     "plan_error": error, "plan_error_class": error_class, "scene_width": width, "scene_height": height,
                     "col_off": w.col_off if w else 0, "row_off": w.row_off if w else 0,
                     "win_width": w.width if w else 0, "win_height": w.height if w else 0,
+                    "scale_min": stats.get(obj.uri, ([], []))[0], "scale_max": stats.get(obj.uri, ([], []))[1],
                 }
                 for name, value in row.items():
                     cols[name].append(value)

@@ -11,7 +11,9 @@ Bands and values (:class:`segbatch.spec.SceneSettings`):
 
 * `bands`: 1-based indexes read as R, G, B, or one band read as gray (replicated to 3 channels).
   Default: bands 1, 2, 3, or band 1 of a 1- or 2-band scene.
-* `scale`: `v' = round((v - min) * 255 / (max - min))`, clipped to 0..255, per band when lists are given.
+* `scale`: `v' = round((v - min) * 255 / (max - min))`, clipped to 0..255, per band when lists are given;
+  with `percentile: [low, high]` min and max are each scene's own percentiles (:func:`percentile_scale`,
+  computed once while planning and carried in the plan's `scale_min` / `scale_max` columns).
   Default by dtype: uint8 as is; uint16 0..65535; int16 -32768..32767; float32 0..1.
 * nodata: `input.nodata`, else the file's nodata value; a pixel is nodata when every band read holds
   it (NaN counts as nodata for float scenes). The mask travels with the window as `nodata` (HxW bool).
@@ -170,8 +172,10 @@ def _range(scale: ScaleSpec | None, dtype: str, n: int) -> tuple[np.ndarray, np.
     if scale is None:
         lo, hi = _DEFAULT_RANGE[dtype]
         return np.full(n, lo), np.full(n, hi)
+    if scale.min is None or scale.max is None:
+        raise ItemError("unsupported", "input.scale.percentile needs the scene's own stats (planned with the scene)")
     lo_v = scale.min if isinstance(scale.min, tuple) else (scale.min,)
-    hi_v = scale.max if isinstance(scale.max, tuple) else (scale.max,)
+    hi_v = scale.max if isinstance(scale.max, tuple) else (scale.max,)  # type: ignore[assignment]
     lo_a = np.array(lo_v * n if len(lo_v) == 1 else lo_v, dtype=np.float64)
     hi_a = np.array(hi_v * n if len(hi_v) == 1 else hi_v, dtype=np.float64)
     if lo_a.size != n or hi_a.size != n:
@@ -202,8 +206,13 @@ def to_uint8(data: np.ndarray, dtype: str, scale: ScaleSpec | None) -> np.ndarra
     return np.ascontiguousarray(hwc)
 
 
-def read_window(ds: Any, window: Window, settings: SceneSettings, uri: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """One window of an open scene → (HxWx3 uint8, HxW bool nodata mask; (0, 0) when there is none)."""
+def read_window(
+    ds: Any, window: Window, settings: SceneSettings, uri: str = "", scale: ScaleSpec | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One window of an open scene → (HxWx3 uint8, HxW bool nodata mask; (0, 0) when there is none).
+
+    `scale` (the scene's own, from :func:`percentile_scale`) takes the place of `settings.scale`.
+    """
     header = header_of(ds)
     check_header(uri or ds.name, header, settings.bands)
     bands = band_indexes(header.count, settings.bands)
@@ -220,7 +229,48 @@ def read_window(ds: Any, window: Window, settings: SceneSettings, uri: str = "")
         if data.dtype.kind == "f":
             flags |= np.isnan(data)
         mask = flags.all(axis=0)
-    return to_uint8(data, header.dtype, settings.scale), mask
+    return to_uint8(data, header.dtype, scale or settings.scale), mask
+
+
+#: Windows sampled for percentile stats when a scene has no overview.
+STATS_WINDOWS = 16
+
+
+def percentile_scale(ds: Any, settings: SceneSettings) -> ScaleSpec:
+    """A scene's own min/max per band read from `settings.scale.percentile` (see ScaleSpec for the source).
+
+    Reads the smallest overview whose longest side is at least 512 px (a decimated read GDAL serves from
+    that overview), else :data:`STATS_WINDOWS` evenly spaced 256² windows: never the whole scene.
+    """
+    if settings.scale is None or settings.scale.percentile is None:
+        raise ValueError("percentile_scale needs input.scale.percentile")
+    header = header_of(ds)
+    bands = list(band_indexes(header.count, settings.bands))
+    factors = [f for f in ds.overviews(bands[0]) if max(header.width, header.height) // f >= 512]
+    if factors:
+        f = max(factors)
+        shape = (len(bands), max(1, header.height // f), max(1, header.width // f))
+        samples = [ds.read(bands, out_shape=shape)]
+    else:
+        side = 256
+        k = int(np.ceil(np.sqrt(STATS_WINDOWS)))
+        xs = np.linspace(0, max(0, header.width - side), k).astype(int)
+        ys = np.linspace(0, max(0, header.height - side), k).astype(int)
+        samples = [
+            ds.read(bands, window=RioWindow(int(x), int(y), min(side, header.width), min(side, header.height)))
+            for y in ys for x in xs
+        ]
+    values = np.concatenate([s.reshape(len(bands), -1) for s in samples], axis=1).astype(np.float64)
+    nodata = settings.nodata if settings.nodata is not None else header.nodata
+    valid = np.isfinite(values).all(axis=0)
+    if nodata is not None:
+        valid &= ~(values == nodata).all(axis=0)
+    lo_p, hi_p = settings.scale.percentile
+    picked = values[:, valid] if valid.any() else values
+    lo = np.percentile(picked, lo_p, axis=1)
+    hi = np.percentile(picked, hi_p, axis=1)
+    hi = np.where(hi > lo, hi, lo + 1)
+    return ScaleSpec(min=tuple(float(v) for v in lo), max=tuple(float(v) for v in hi))
 
 
 class WindowLoader:
@@ -249,8 +299,11 @@ class WindowLoader:
                 with open_scene(uri, self.settings.storage_options) as ds:
                     for i in idxs:
                         w = Window(int(batch["col_off"][i]), int(batch["row_off"][i]), int(batch["win_width"][i]), int(batch["win_height"][i]))
+                        scale = None
+                        if "scale_min" in batch and len(batch["scale_min"][i]):
+                            scale = ScaleSpec(min=tuple(batch["scale_min"][i]), max=tuple(batch["scale_max"][i]))
                         try:
-                            images[i], masks[i] = read_window(ds, w, self.settings, uri)
+                            images[i], masks[i] = read_window(ds, w, self.settings, uri, scale)
                         except ItemError as e:
                             rows.fail(i, e.error_class, e.message)
             except ItemError as e:
