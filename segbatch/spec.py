@@ -146,6 +146,12 @@ class InputSpec(_Strict):
         "`v' = round((v - min) * 255 / (max - min))` clipped to 0..255. Default: uint8 as is; uint16 / int16 "
         "by their type's range (0..65535, -32768..32767); float32 as 0..1.",
     )
+    assets: tuple[str, ...] | None = Field(
+        default=None,
+        description="Scenes from a STAC Item / ItemCollection JSON (`input.uri` ending in .json): the asset key to "
+        "read from each item (one multi-band asset). Default: the item's first GeoTIFF asset with role `data`, "
+        "else its first GeoTIFF asset.",
+    )
     nodata: float | None = Field(
         default=None,
         description="Scenes: the band value that means 'no data' (a pixel is nodata when every band read holds it). "
@@ -394,8 +400,11 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _scene_task(self) -> "JobSpec":
-        if self.tiling is None and (self.input.bands or self.input.scale or self.input.nodata is not None):
-            raise ValueError("input.bands, input.scale and input.nodata apply to scenes: add a `tiling` section")
+        i = self.input
+        if self.tiling is None and (i.bands or i.scale or i.nodata is not None or i.assets):
+            raise ValueError("input.bands, input.scale, input.nodata and input.assets apply to scenes: add a `tiling` section")
+        if i.assets is not None and len(i.assets) != 1:
+            raise ValueError(f"input.assets expected one asset key (a multi-band asset), but got {len(i.assets)}")
         return self
 
     @field_validator("name")

@@ -321,3 +321,27 @@ def test_percentile_scale_comes_from_an_overview_or_sampled_windows(tmp_path: Pa
     assert result.ok == 9
     plan = pq.read_table(next((tmp_path / "out" / "runs").glob("*/plan/*.parquet")))
     assert len(plan["scale_min"][0].as_py()) == 3 and plan["scale_max"][0].as_py() == plan["scale_max"][8].as_py()
+
+
+def test_a_stac_item_collection_as_input(rgb_run: tuple, tmp_path: Path) -> None:
+    from segbatch.geo.stac import band_names
+
+    root, scene, _ = rgb_run
+    target = tmp_path / "data" / "scene.tif"
+    target.parent.mkdir()
+    shutil.copy(scene.path, target)
+    asset = {"href": "data/scene.tif", "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+             "roles": ["data"], "bands": [{"name": "red"}, {"name": "green"}, {"name": "blue"}]}
+    collection = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "stac_version": "1.1.0", "id": "tile-1", "geometry": None, "properties": {},
+         "assets": {"thumbnail": {"href": "thumb.png", "type": "image/png"}, "visual": asset}},
+    ]}
+    (tmp_path / "items.json").write_text(json.dumps(collection))
+    assert band_names(asset) == ["red", "green", "blue"]
+    assert band_names({"eo:bands": [{"common_name": "nir"}]}) == ["nir"]
+    result = run_job(parse_job(scene_job(tmp_path / "items.json", tmp_path / "out", assets=["visual"])))
+    assert result.ok == 9
+    with rasterio.open(tmp_path / "out" / "masks" / "tile-1" / "visual.tif") as a, rasterio.open(
+        root / "out" / "masks" / "area" / "scene.tif.tif"
+    ) as b:
+        assert (a.read(1) == b.read(1)).all()

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from segbatch.errors import ItemError
 from segbatch.geo.read import SceneHeader, read_header
+from segbatch.geo.stac import is_stac, stac_objects
 from segbatch.geo.windows import grid, window_key
 from segbatch.outputs import Ledger, hash64
 from segbatch.plan import PAGE_ROWS, SCENE_PLAN_SCHEMA, PlanCounts, item_id_for, listed_pages
@@ -70,7 +71,11 @@ def scene_plan_pages(
     counts = counts if counts is not None else PlanCounts()
     scenes = scenes if scenes is not None else []
     seen: set[str] = set()
-    base, pages = listed_pages(spec, page_rows)
+    stac_keys: dict[str, str] = {}
+    if is_stac(spec.uri):
+        base, pages, stac_keys = stac_objects(spec)
+    else:
+        base, pages = listed_pages(spec, page_rows)
 
     percentile = spec.scale is not None and spec.scale.percentile is not None
     stats: dict[str, tuple[list[float], list[float]]] = {}
@@ -101,7 +106,8 @@ def scene_plan_pages(
         cols: dict[str, list[object]] = {name: [] for name in SCENE_PLAN_SCHEMA.names}
         for obj, head in zip(page, headers):
             try:
-                rel_key, key_error = safe_relative_key(obj.uri, base), ""
+                rel_key = safe_relative_key(stac_keys[obj.uri], "") if obj.uri in stac_keys else safe_relative_key(obj.uri, base)
+                key_error = ""
             except UnsafeKeyError as e:
                 rel_key, key_error = "", f"{obj.uri}: {e}"
             if key_error or isinstance(head, ItemError):
