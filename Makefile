@@ -21,6 +21,7 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/segbatch demo
+	$(BIN)/segbatch demo --scene
 
 $(CHROMIUM):
 	@if command -v chromium-headless-shell >/dev/null 2>&1; then exit 0; fi; \

@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seed", type=int, default=None, help="first scene seed (default: 10000000, the first seed after training's)"
     )
+    demo.add_argument(
+        "--scene", action="store_true",
+        help="the satellite-scene demo instead: a georeferenced scene → jobs/satellite.yaml → label COG + GeoParquet "
+        "(needs segbatch[geo])",
+    )
     add_submit_parser(sub)
     ev = sub.add_parser("eval", help="score a job's outputs against ground truth (IoU / COCO AP)")
     ev.add_argument("output", help="the job's output.uri (reads its committed metadata and masks)")
@@ -189,7 +194,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - a storage problem is one line, exit 1
         raise JobError(f"cannot read the outputs under output.uri '{o.uri}': {type(e).__name__}: {e}") from None
     with listing_errors(spec.input.uri):
-        counts = count_plan(spec.input, ledger, exclude_prefix=output_prefix(o.uri, o.storage_options))
+        counts = count_plan(spec.input, ledger, tiling=spec.tiling, exclude_prefix=output_prefix(o.uri, o.storage_options))
     print(format_plan(args.job, spec.input.uri, o.uri, counts, time.time() - started), flush=True)
     return EXIT_OK
 
@@ -204,7 +209,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
         weights = resolve_weights(spec.model)
         try:
-            listed = count_plan(spec.input).listed
+            listed = count_plan(spec.input, tiling=spec.tiling).listed
         except Exception as e:  # noqa: BLE001 - as `run`: a listing failure is one line
             raise JobError(describe_storage_error(e, "input.uri", spec.input.uri, spec.input.storage_options)) from None
         line += f"; weights sha256 {weights.sha256[:12]}; {listed} images listed"
@@ -215,6 +220,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from segbatch.demo import DEMO_SEED, run_demo
 
+    if args.scene:
+        from segbatch.demo import run_scene_demo
+
+        return run_scene_demo(Path(args.workdir), seed=DEMO_SEED if args.seed is None else args.seed)
     if args.images < 1:
         raise JobError(f"segbatch demo: --images expected a positive number, but got {args.images}")
     return run_demo(Path(args.workdir), count=args.images, seed=DEMO_SEED if args.seed is None else args.seed)

@@ -6,6 +6,8 @@ key relative to `input.uri` (the `rel_key` column), which is how the truth names
 - **semantic**: per-class IoU and mIoU over all pixels of all images, from the mask PNGs
   (`mask_uri`) against ground-truth label maps at `TRUTH/labels/<rel_key>.png` (or
   `TRUTH/<rel_key>.png` when TRUTH has no `labels/` folder) — the layout of a job's `masks/`.
+- **scenes** (a job with `tiling`): label COGs against `TRUTH/labels/<rel_key>.tif` and polygons
+  against `TRUTH/polygons/<rel_key>.geojson` (:mod:`segbatch.geo.evaluate`).
 - **instance**: COCO mask (`segm`) and box (`bbox`) AP, AP50, AP75, APs/APm/APl and AR@100 through
   pycocotools' COCOeval, against a COCO instances JSON (TRUTH is the JSON file, or a folder holding
   `instances.json`), whose images' `file_name` is the `rel_key`. Per-class AP and AP50 as well.
@@ -427,7 +429,13 @@ def evaluate_output(
     """
     task, rows, n_rows = _latest_rows(output_uri, storage_options)
     classes = output_classes(file_metadata(output_uri, storage_options))
-    if task == "semantic":
+    fs, root = filesystem(output_uri, storage_options)
+    if fs.exists(f"{root.rstrip('/')}/scenes"):  # a scene job (`tiling`): COGs and polygons, by windows
+        from segbatch.geo.evaluate import evaluate_scenes
+
+        result = evaluate_scenes(output_uri, truth_uri, classes or ["background"], storage_options)
+        truth_shown = truth_uri
+    elif task == "semantic":
         if not classes:
             classes = ["background"]
         result = _evaluate_semantic(rows, truth_uri, truth_storage_options, storage_options, classes)
@@ -465,6 +473,10 @@ def _fmt(v: Any) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     """The table a person reads (metrics, per-class figures, image counts)."""
+    if report.get("kind") == "scenes":
+        from segbatch.geo.evaluate import format_scene_report
+
+        return format_scene_report(report)
     img = report["images"]
     lines = [
         f"segbatch eval: {report['task']} outputs {report['output']} vs truth {report['truth']}",

@@ -192,7 +192,7 @@ def _plan_dataset(spec: JobSpec, plan: Plan, block_rows: int) -> Any:
                 ReadTask(
                     functools.partial(read_plan_block, part, options, start, stop),
                     BlockMetadata(num_rows=stop - start, size_bytes=None, exec_stats=None, input_files=None),
-                    schema=PLAN_SCHEMA,
+                    schema=plan.schema,
                 )
                 for part, start, stop in plan.blocks(block_rows)
             ]
@@ -210,14 +210,24 @@ def build_dataset(spec: JobSpec, plan: Plan, weights: ResolvedWeights, layout: A
     todo = plan.counts.todo
     load_rows = load_block_rows(c.load_batch_size, todo, layout.streams, m.batch_size)
     ds = _plan_dataset(spec, plan, max(load_rows, math.ceil(todo / 20_000)))  # at most ~20k blocks
+    load_fn: Callable[..., Any] = load_batch
+    load_kwargs: dict[str, Any] = {"settings": spec.load_settings()}
+    write_fn: Callable[..., Any] = write_batch
+    write_kwargs: dict[str, Any] = {"output": spec.output, "task": m.task}
+    if spec.tiling is not None:  # scenes: windows read by ranges, cores written as parts
+        from segbatch.geo.read import load_windows
+        from segbatch.geo.stitch import write_cores
+
+        load_fn, load_kwargs = load_windows, {"settings": spec.scene_settings()}
+        write_fn, write_kwargs = write_cores, {"output": spec.output, "settings": spec.scene_settings(), "task": m.task}
     ds = ds.map_batches(
-        load_batch,
+        load_fn,
         batch_size=load_rows,
         num_cpus=c.cpus_per_loader,
         # A memory request (a real need: decoded batches) also keeps Ray Data from fusing decode into
         # the predict actors, which it does for task→actor maps with equal CPU/GPU requests.
         memory=c.memory_per_loader,
-        fn_kwargs={"settings": spec.load_settings()},
+        fn_kwargs=load_kwargs,
     )
     pool = (
         {"size": c.actors} if isinstance(c.actors, int) else {"min_size": c.actors[0], "max_size": c.actors[1]}
@@ -240,10 +250,10 @@ def build_dataset(spec: JobSpec, plan: Plan, weights: ResolvedWeights, layout: A
         },
     )
     return ds.map_batches(
-        write_batch,
+        write_fn,
         batch_size=load_rows,  # bundles small predict blocks (batch_size 1 makes 1-row blocks): fewer tasks
         num_cpus=0.25,
-        fn_kwargs={"output": spec.output, "task": m.task},
+        fn_kwargs=write_kwargs,
     )
 
 
@@ -275,7 +285,12 @@ def run_job(
     run.progress = progress
     if run.plan.counts.todo:
         _stream(run)
-    for step in after_stream:
+    steps = list(after_stream)
+    if spec.tiling is not None:  # scenes: assemble the COG and polygons of every scene now complete
+        from segbatch.geo.scenes import finish_scenes
+
+        steps.insert(0, finish_scenes)
+    for step in steps:
         step(run)
     _finish(run)
     return run.result
@@ -293,7 +308,7 @@ def _prepare(spec: JobSpec, force: bool) -> JobRun:
     o = spec.output
     ledger = read_ledger(o.uri, o.storage_options, fingerprint, force=force, run_id=run_id)
     with listing_errors(spec.input.uri):
-        plan = write_plan(spec.input, ledger, o.uri, o.storage_options, run_id)
+        plan = write_plan(spec.input, ledger, o.uri, o.storage_options, run_id, tiling=spec.tiling)
     del ledger
     c = plan.counts
     if c.listed == 0:

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from segbatch.errors import JobError
 from segbatch.outputs import Ledger, hash64, plan_uri, sorted_unique
 from segbatch.retry import call_with_retries
-from segbatch.spec import InputSpec
+from segbatch.spec import InputSpec, TilingSpec
 from segbatch.storage import (
     ListedObject,
     UnsafeKeyError,
@@ -48,6 +48,7 @@ from segbatch.storage import (
 __all__ = [
     "PAGE_ROWS",
     "PLAN_SCHEMA",
+    "SCENE_PLAN_SCHEMA",
     "Plan",
     "PlanCounts",
     "WorkItem",
@@ -78,6 +79,15 @@ PLAN_SCHEMA = pa.schema(
         ("plan_error", pa.string()),
     ]
 )
+
+#: A scene job's rows (`tiling` set): one per tile window, with the window and the scene's size.
+#: `plan_error_class` names the error class of a scene refused while planning (unreadable, corrupt...).
+SCENE_PLAN_SCHEMA = PLAN_SCHEMA.append(pa.field("plan_error_class", pa.string()))
+for _name in ("scene_width", "scene_height", "col_off", "row_off", "win_width", "win_height"):
+    SCENE_PLAN_SCHEMA = SCENE_PLAN_SCHEMA.append(pa.field(_name, pa.int32()))
+#: Per-scene scaling from `input.scale.percentile` (one value per band read; empty otherwise).
+for _name in ("scale_min", "scale_max"):
+    SCENE_PLAN_SCHEMA = SCENE_PLAN_SCHEMA.append(pa.field(_name, pa.list_(pa.float64())))
 
 
 @dataclass(slots=True, frozen=True)
@@ -120,6 +130,9 @@ class Plan:
     uri: str
     parts: list[str] = field(default_factory=list)
     part_rows: list[int] = field(default_factory=list)
+    schema: pa.Schema = PLAN_SCHEMA
+    #: Scene jobs: every listed scene (`segbatch.geo.plan.PlannedScene`), done or not, for the after-stream step.
+    scenes: list[Any] = field(default_factory=list)
 
     def blocks(self, block_rows: int) -> list[tuple[str, int, int]]:
         """(part URI, first row, end row) ranges of at most `block_rows` rows, never across parts.
@@ -225,18 +238,35 @@ class _CommonBase:
         return common if scheme == "file" else f"{scheme}://{common}"
 
 
-def _listed_pages(spec: InputSpec, page_rows: int) -> tuple[str, Iterator[list[ListedObject]]]:
+def listed_pages(
+    spec: InputSpec, page_rows: int, exclude_prefix: str | None = None, counts: PlanCounts | None = None
+) -> tuple[str, Iterator[list[ListedObject]]]:
     """(the base URI output keys are relative to, the listed objects a page at a time).
 
     A manifest is read twice: once for the base (keys need the base of all entries), once for the pages.
+    Objects under `exclude_prefix` (the job's own output, :func:`output_prefix`) are left out and
+    counted in `counts.excluded`: with `output.uri` inside `input.uri`, every rerun would otherwise list
+    the previous outputs as new inputs, and a nightly job would feed on itself.
     """
     if _is_manifest(spec.uri):
         tracker = _CommonBase()
         for page in _manifest_pages(spec, page_rows):
             tracker.add([o.uri for o in page])
-        return tracker.base, _manifest_pages(spec, page_rows)
-    objects, base = list_objects(spec.uri, spec.storage_options, spec.extensions)
-    return base, (objects[i : i + page_rows] for i in range(0, len(objects), page_rows))
+        base, pages = tracker.base, _manifest_pages(spec, page_rows)
+    else:
+        objects, base = list_objects(spec.uri, spec.storage_options, spec.extensions)
+        pages = (objects[i : i + page_rows] for i in range(0, len(objects), page_rows))
+    if not exclude_prefix:
+        return base, pages
+
+    def without_outputs() -> Iterator[list[ListedObject]]:
+        for page in pages:
+            kept = [o for o in page if not o.uri.startswith(exclude_prefix)]
+            if counts is not None:
+                counts.excluded += len(page) - len(kept)
+            yield kept
+
+    return base, without_outputs()
 
 
 # --- planning ----------------------------------------------------------------------------------
@@ -287,9 +317,8 @@ def plan_pages(
         ledger: What the output already holds (:func:`segbatch.outputs.read_ledger`); empty if None.
         counts: Updated as pages are planned (listed, skipped, new, changed, excluded).
         page_rows: Objects listed per page.
-        exclude_prefix: The job's output folder (:func:`output_prefix`). With `output.uri` inside
-            `input.uri`, every rerun would list the previous masks as new images and a nightly job
-            would feed on itself; objects under it are left out and counted as `excluded`.
+        exclude_prefix: The job's output folder (:func:`output_prefix`): never an input (see
+            :func:`listed_pages`); objects under it are counted as `excluded`.
 
     Raises:
         FileNotFoundError, ValueError, OSError: listing problems (see :func:`listing_errors`).
@@ -297,12 +326,8 @@ def plan_pages(
     ledger = ledger if ledger is not None else Ledger.empty()
     counts = counts if counts is not None else PlanCounts()
     seen = _Seen()
-    base, pages = _listed_pages(spec, page_rows)
+    base, pages = listed_pages(spec, page_rows, exclude_prefix, counts)
     for page in pages:
-        if exclude_prefix:
-            kept = [o for o in page if not o.uri.startswith(exclude_prefix)]
-            counts.excluded += len(page) - len(kept)
-            page = kept
         if not page:
             continue
         ids = [item_id_for(o.uri, o.version) for o in page]
@@ -349,18 +374,28 @@ def write_plan(
     output_options: dict[str, Any] | None,
     run_id: str,
     page_rows: int = PAGE_ROWS,
+    tiling: TilingSpec | None = None,
 ) -> Plan:
     """Plan the input and write its pages to `<output>/runs/<run_id>/plan/part-<seq>.parquet` (whole files).
 
     The pages are what Ray Data reads (`ray.data.read_parquet`), and they leave the run's plan open
-    to inspection afterwards.
+    to inspection afterwards. With `tiling`, every input is a scene and its rows are tile windows
+    (:data:`SCENE_PLAN_SCHEMA`, :func:`segbatch.geo.plan.scene_plan_pages`).
     """
     fs, _ = filesystem(output_uri, output_options)
     folder = plan_uri(output_uri, run_id)
     _, folder_path = filesystem(folder, output_options)
     plan = Plan(PlanCounts(), folder)
     exclude = output_prefix(output_uri, output_options)
-    for seq, table in enumerate(plan_pages(spec, ledger, plan.counts, page_rows, exclude_prefix=exclude)):
+    pages: Iterator[pa.Table]
+    if tiling is not None:
+        from segbatch.geo.plan import scene_plan_pages
+
+        plan.schema = SCENE_PLAN_SCHEMA
+        pages = scene_plan_pages(spec, tiling, ledger, plan.counts, plan.scenes, page_rows, exclude_prefix=exclude)
+    else:
+        pages = plan_pages(spec, ledger, plan.counts, page_rows, exclude_prefix=exclude)
+    for seq, table in enumerate(pages):
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd", row_group_size=PLAN_GROUP_ROWS)
         data = sink.getvalue().to_pybytes()
@@ -394,11 +429,24 @@ def read_plan_block(part_uri: str, storage_options: dict[str, Any] | None, start
 
 
 def count_plan(
-    spec: InputSpec, ledger: Ledger | None = None, page_rows: int = PAGE_ROWS, exclude_prefix: str | None = None
+    spec: InputSpec,
+    ledger: Ledger | None = None,
+    page_rows: int = PAGE_ROWS,
+    tiling: TilingSpec | None = None,
+    exclude_prefix: str | None = None,
 ) -> PlanCounts:
-    """Plan the input without writing anything: only the counts (`segbatch plan`, `validate --check-storage`)."""
+    """Plan the input without writing anything: only the counts (`segbatch plan`, `validate --check-storage`).
+
+    With `tiling` the counts are windows (each scene's header is read).
+    """
     counts = PlanCounts()
-    for _ in plan_pages(spec, ledger, counts, page_rows, exclude_prefix=exclude_prefix):
+    if tiling is not None:
+        from segbatch.geo.plan import scene_plan_pages
+
+        pages: Iterator[pa.Table] = scene_plan_pages(spec, tiling, ledger, counts, None, page_rows, exclude_prefix=exclude_prefix)
+    else:
+        pages = plan_pages(spec, ledger, counts, page_rows, exclude_prefix=exclude_prefix)
+    for _ in pages:
         pass
     return counts
 

@@ -40,7 +40,10 @@ __all__ = [
     "PredictSettings",
     "OutputSpec",
     "RunSpec",
+    "SceneSettings",
+    "ScaleSpec",
     "SpecError",
+    "TilingSpec",
     "add_override_argument",
     "load_job",
     "parse_job",
@@ -72,6 +75,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ScaleSpec(_Strict):
+    """Linear scaling of band values to 0..255 (scenes): fixed `min`/`max`, or per-scene `percentile`s."""
+
+    min: float | tuple[float, ...] | None = Field(
+        default=None, description="Value that becomes 0: one number, or one per band read."
+    )
+    max: float | tuple[float, ...] | None = Field(
+        default=None, description="Value that becomes 255: one number, or one per band read."
+    )
+    percentile: tuple[float, float] | None = Field(
+        default=None,
+        description="Instead of min/max: per scene and band, the [low, high] percentiles of its values (nodata "
+        "left out) become 0 and 255. Stats source: the scene's smallest internal overview whose longest side is "
+        "at least 512 px, else 16 evenly spaced 256² windows at full resolution (never the whole scene).",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ScaleSpec":
+        if self.percentile is not None:
+            if self.min is not None or self.max is not None:
+                raise ValueError("scale takes either min/max or percentile, not both")
+            lo_p, hi_p = self.percentile
+            if not 0 <= lo_p < hi_p <= 100:
+                raise ValueError(f"expected 0 <= low < high <= 100, but got percentile [{lo_p}, {hi_p}]")
+            return self
+        if self.min is None or self.max is None:
+            raise ValueError("scale expected both min and max (or percentile)")
+        lo = self.min if isinstance(self.min, tuple) else (self.min,)
+        hi = self.max if isinstance(self.max, tuple) else (self.max,)
+        if len(lo) > 1 and len(hi) > 1 and len(lo) != len(hi):
+            raise ValueError(f"scale.min names {len(lo)} bands but scale.max names {len(hi)}")
+        n = max(len(lo), len(hi))
+        for a, b in zip(lo * n if len(lo) == 1 else lo, hi * n if len(hi) == 1 else hi):
+            if not b > a:
+                raise ValueError(f"expected scale.max > scale.min, but got min {a}, max {b}")
+        return self
+
+
 class InputSpec(_Strict):
     uri: UriStr = Field(
         description="Images to segment: a prefix/folder (recursive), a glob (`*`, `**`), or a manifest "
@@ -96,10 +137,63 @@ class InputSpec(_Strict):
         description="Files larger than this are refused as `too_large` before they are fetched.",
     )
 
+    bands: tuple[PositiveInt, ...] | None = Field(
+        default=None,
+        description="Scenes (`tiling` set): 1-based band indexes read as R, G, B (GDAL's convention), or one band "
+        "read as gray. Default: the first 3 bands, or band 1 of a 1- or 2-band scene.",
+    )
+    scale: ScaleSpec | None = Field(
+        default=None,
+        description="Scenes: how band values become 0..255: `{min, max}` (numbers, or one per band), "
+        "`v' = round((v - min) * 255 / (max - min))` clipped to 0..255. Default: uint8 as is; uint16 / int16 "
+        "by their type's range (0..65535, -32768..32767); float32 as 0..1.",
+    )
+    assets: tuple[str, ...] | None = Field(
+        default=None,
+        description="Scenes from a STAC Item / ItemCollection JSON (`input.uri` ending in .json): the asset key to "
+        "read from each item (one multi-band asset). Default: the item's first GeoTIFF asset with role `data`, "
+        "else its first GeoTIFF asset.",
+    )
+    nodata: float | None = Field(
+        default=None,
+        description="Scenes: the band value that means 'no data' (a pixel is nodata when every band read holds it). "
+        "Default: the file's own nodata value, if it has one.",
+    )
+
     @field_validator("extensions")
     @classmethod
     def _norm_ext(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(e.lower().lstrip(".") for e in v)
+
+    @field_validator("bands")
+    @classmethod
+    def _band_count(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and len(v) not in (1, 3):
+            raise ValueError(f"expected 1 band (gray) or 3 bands (R, G, B), but got {len(v)}")
+        return v
+
+
+class TilingSpec(_Strict):
+    """Present in a job: every input is a raster scene (GeoTIFF / COG) cut into tile windows."""
+
+    size: PositiveInt = Field(default=512, description="Tile window side in pixels (windows at the scene's right and "
+                              "bottom edges may be smaller).")
+    overlap: int = Field(
+        default=64,
+        ge=0,
+        description="Pixels shared by neighbouring windows. Each output pixel comes from the one window whose core "
+        "owns it: overlap/2 is dropped at inner window edges (never at the scene's edges).",
+    )
+    polygons: bool = Field(default=True, description="Also write `polygons/<rel_key>.parquet` (GeoParquet 1.1).")
+    polygon_window: PositiveInt = Field(
+        default=2048, description="Side of the windows the label raster is polygonized by (bounds memory)."
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> "TilingSpec":
+        if self.overlap >= self.size:
+            raise ValueError(f"expected tiling.overlap < tiling.size, but got overlap {self.overlap}, size {self.size}")
+        return self
 
 
 class ModelSpec(_Strict):
@@ -252,6 +346,17 @@ def _same_as(section: type[BaseModel], name: str) -> Any:
     return Field(default=f.default, description=f.description)
 
 
+class SceneSettings(_Strict):
+    """What the scene load and write stages read of a job (:meth:`JobSpec.scene_settings`)."""
+
+    storage_options: dict[str, Any] = _same_as(InputSpec, "storage_options")
+    bands: tuple[int, ...] | None = _same_as(InputSpec, "bands")
+    scale: ScaleSpec | None = _same_as(InputSpec, "scale")
+    nodata: float | None = _same_as(InputSpec, "nodata")
+    size: int = _same_as(TilingSpec, "size")
+    overlap: int = _same_as(TilingSpec, "overlap")
+
+
 class LoadSettings(_Strict):
     """What the load stage reads of a job (:meth:`JobSpec.load_settings`): input limits and fetch options."""
 
@@ -289,6 +394,20 @@ class JobSpec(_Strict):
     output: OutputSpec
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
     run: RunSpec = Field(default_factory=RunSpec)
+    tiling: TilingSpec | None = Field(
+        default=None,
+        description="Present: each input is a raster scene (GeoTIFF/COG) cut into windows, and the results are one "
+        "label COG and GeoParquet polygons per scene (README, 'Satellite scenes'). Absent: each input is an image.",
+    )
+
+    @model_validator(mode="after")
+    def _scene_task(self) -> "JobSpec":
+        i = self.input
+        if self.tiling is None and (i.bands or i.scale or i.nodata is not None or i.assets):
+            raise ValueError("input.bands, input.scale, input.nodata and input.assets apply to scenes: add a `tiling` section")
+        if i.assets is not None and len(i.assets) != 1:
+            raise ValueError(f"input.assets expected one asset key (a multi-band asset), but got {len(i.assets)}")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -306,6 +425,13 @@ class JobSpec(_Strict):
             max_bytes=i.max_bytes,
             fetch_concurrency=c.fetch_concurrency,
             jpeg_decode=c.jpeg_decode,
+        )
+
+    def scene_settings(self) -> SceneSettings:
+        """The scene load and write stages' part of the job, whole (needs `tiling`)."""
+        i, t = self.input, self.tiling or TilingSpec()
+        return SceneSettings(
+            storage_options=i.storage_options, bands=i.bands, scale=i.scale, nodata=i.nodata, size=t.size, overlap=t.overlap
         )
 
     def predict_settings(self) -> PredictSettings:
@@ -345,6 +471,15 @@ class JobSpec(_Strict):
             "mean": m.mean,
             "std": m.std,
         }
+        if self.tiling is not None:  # what a scene's pixels become before the model, and where windows fall
+            i = self.input
+            keys["scene"] = {
+                "bands": i.bands,
+                "scale": i.scale.model_dump() if i.scale else None,
+                "nodata": i.nodata,
+                "size": self.tiling.size,
+                "overlap": self.tiling.overlap,
+            }
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

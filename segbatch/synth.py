@@ -63,7 +63,9 @@ __all__ = [
     "scene_from_seed",
     "shape_mask",
     "triangle",
+    "GeoScene",
     "write_dataset",
+    "write_geo_scene",
     "write_scene_folder",
 ]
 
@@ -499,3 +501,125 @@ def write_dataset(root: Path, count: int, seed: int) -> tuple[Path, Path]:
     images, truth = root / "images", root / "truth"
     write_scene_folder(images, count, seed, truth=truth)
     return images, truth
+
+
+# --- georeferenced scenes (`segbatch[geo]`) ------------------------------------------------------------
+
+#: A georeferenced scene's colour per class: class k is bright in channel k - 1 (R, G, B), dim elsewhere.
+GEO_BRIGHT, GEO_DIM = 210, 30
+#: Band value of nodata pixels in written scenes (every band).
+GEO_NODATA = 0
+
+
+@dataclass(slots=True)
+class GeoScene:
+    """A written georeferenced scene: its file, its truth label raster (255 = nodata) and truth polygons."""
+
+    path: Path
+    labels: np.ndarray
+    objects: int
+    truth_raster: Path | None = None
+    truth_polygons: Path | None = None
+
+
+def write_geo_scene(
+    path: Path,
+    *,
+    width: int = 600,
+    height: int = 500,
+    seed: int = 10_000_000,
+    crs: str = "EPSG:32633",
+    origin: tuple[float, float] = (500_000.0, 5_000_000.0),
+    pixel_size: float = 10.0,
+    block: int = 256,
+    spacing: int = 110,
+    shape_size: tuple[float, float] = (24.0, 40.0),
+    nodata_corner: int = 64,
+    kind: Literal["rgb8", "uint16x4"] = "rgb8",
+    truth: Path | None = None,
+    truth_key: str | None = None,
+) -> GeoScene:
+    """Write a tiled GeoTIFF scene of separated shapes in a projected CRS, with its exact truth.
+
+    Shapes (circles, rectangles, triangles; class 1-3) sit on a jittered grid `spacing` px apart,
+    `shape_size` px in size (with 600x500 px and 256/32 tiling many cross tile seams), painted in pure class colours
+    (:data:`GEO_BRIGHT` in channel k - 1, :data:`GEO_DIM` elsewhere) on a noisy gray background
+    (values 40-90, never the nodata value). The top-left `nodata_corner` square is nodata
+    (:data:`GEO_NODATA` in every band; the file's nodata is set), and no shape touches it.
+
+    `kind="rgb8"` writes 3 uint8 bands (R, G, B); `kind="uint16x4"` writes 4 uint16 bands
+    (B*10, G*10, R*10, noise), so bands [3, 2, 1] scaled with `{min: 0, max: 2550}` give back the
+    8-bit RGB scene exactly.
+
+    With `truth`, also `truth/labels/<key>.tif` (uint8 labels, 255 nodata, same georeferencing) and
+    `truth/polygons/<key>.geojson` (one feature per shape, `label` and `class_name`, in the scene's CRS),
+    `key` being `truth_key` (the scene's key relative to the job's input, as `segbatch eval` matches
+    it; default: the file name): the layout of a scene job's `masks/` and `polygons/`.
+    """
+    import rasterio
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(seed)
+    image = rng.integers(40, 91, size=(height, width, 3)).astype(np.uint8)
+    labels = np.zeros((height, width), dtype=np.uint8)
+    objects = 0
+    for cy in range(spacing // 2, height, spacing):
+        for cx in range(spacing // 2, width, spacing):
+            x = cx + float(rng.uniform(-spacing / 10, spacing / 10))
+            y = cy + float(rng.uniform(-spacing / 10, spacing / 10))
+            size = float(rng.uniform(*shape_size))
+            if x - size < nodata_corner + 8 and y - size < nodata_corner + 8:
+                continue
+            label = int(rng.integers(1, 4))
+            if label == 1:
+                shape = circle(x, y, size / 2)
+            elif label == 2:
+                shape = rectangle(x, y, size, size * 0.6, float(rng.uniform(0, 180)))
+            else:
+                r = size / 2
+                shape = triangle((x, y - r), (x - r, y + r * 0.8), (x + r, y + r * 0.8))
+            mask = shape_mask(shape, height, width)
+            if not mask.any():
+                continue
+            labels[mask] = label
+            colour = np.full(3, GEO_DIM, dtype=np.uint8)
+            colour[label - 1] = GEO_BRIGHT
+            image[mask] = colour
+            objects += 1
+    if nodata_corner:
+        image[:nodata_corner, :nodata_corner] = GEO_NODATA
+        labels[:nodata_corner, :nodata_corner] = 255
+    transform = from_origin(origin[0], origin[1], pixel_size, pixel_size)
+    if kind == "rgb8":
+        bands = np.moveaxis(image, -1, 0)
+    else:
+        rgb16 = image.astype(np.uint16) * 10
+        extra = rng.integers(1, 4000, size=(height, width)).astype(np.uint16)
+        extra[:nodata_corner, :nodata_corner] = GEO_NODATA
+        bands = np.stack([rgb16[..., 2], rgb16[..., 1], rgb16[..., 0], extra])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = {
+        "driver": "GTiff", "width": width, "height": height, "count": bands.shape[0], "dtype": bands.dtype.name,
+        "crs": crs, "transform": transform, "nodata": GEO_NODATA, "tiled": True, "blockxsize": block,
+        "blockysize": block, "compress": "deflate",
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(bands)
+    out = GeoScene(path, labels, objects)
+    if truth is not None:
+        from rasterio.features import shapes
+
+        key = truth_key or path.name
+        out.truth_raster = truth / "labels" / f"{key}.tif"
+        out.truth_raster.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(out.truth_raster, "w", **{**profile, "count": 1, "dtype": "uint8", "nodata": 255}) as dst:
+            dst.write(labels[None])
+        features = [
+            {"type": "Feature", "geometry": geom, "properties": {"label": int(v), "class_name": CLASSES[int(v)]}}
+            for geom, v in shapes(labels, mask=(labels > 0) & (labels < 255), transform=transform)
+        ]
+        out.truth_polygons = truth / "polygons" / f"{key}.geojson"
+        out.truth_polygons.parent.mkdir(parents=True, exist_ok=True)
+        collection = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": crs}}, "features": features}
+        out.truth_polygons.write_text(json.dumps(collection))
+    return out

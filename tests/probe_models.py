@@ -40,3 +40,78 @@ class ConcurrencyProbe(nn.Module):
 
 def concurrency_probe(num_classes: int) -> nn.Module:
     return ConcurrencyProbe(num_classes)
+
+
+class ColorProbe(nn.Module):
+    """A deterministic fully convolutional semantic model: class k (1-3) where channel k - 1 is the
+    brightest and above 0 after two 3x3 mean filters; else class 0.
+
+    Two 3x3 convolutions: a receptive field of 5x5 (2 px each side), well inside a 32-px overlap's 16.
+    The weights are fixed, not learnt, so any process builds the same model.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.smooth1 = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
+        self.smooth2 = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
+        with torch.no_grad():
+            self.smooth1.weight.fill_(1 / 9)
+            self.smooth2.weight.fill_(1 / 9)
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.smooth2(self.smooth1(x))
+        background = torch.zeros_like(y[:, :1])
+        logits = torch.cat([background, y], dim=1)
+        if self.num_classes > 4:
+            pad = torch.full_like(y[:, :1], -1e4).expand(-1, self.num_classes - 4, -1, -1)
+            logits = torch.cat([logits, pad], dim=1)
+        return {"out": logits[:, : self.num_classes]}
+
+
+def color_probe(num_classes: int) -> nn.Module:
+    return ColorProbe(num_classes)
+
+
+class ShapeInstanceProbe(nn.Module):
+    """A deterministic instance model for scenes: every 4-connected region where one channel is bright
+    (> 0.5 on the 0..1 input) is an object of class (that channel + 1), score 0.9, its mask exact.
+
+    Returns torchvision detector outputs (boxes, labels, scores, masks as (K, 1, H, W) probabilities)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        import numpy as np
+        from rasterio.features import rasterize, shapes
+
+        outputs = []
+        for image in images:
+            x = image.detach().cpu().numpy()
+            bright = x.max(axis=0) > 0.5
+            labels = np.where(bright, x.argmax(axis=0) + 1, 0).astype(np.uint8)
+            h, w = labels.shape
+            boxes, classes, masks = [], [], []
+            for geom, value in shapes(labels, mask=labels > 0, connectivity=4):
+                m = rasterize([(geom, 1)], out_shape=(h, w), dtype=np.uint8).astype(bool)
+                ys, xs = np.nonzero(m)
+                boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+                classes.append(int(value))
+                masks.append(m)
+            k = len(boxes)
+            outputs.append(
+                {
+                    "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(k, 4),
+                    "labels": torch.tensor(classes, dtype=torch.int64),
+                    "scores": torch.full((k,), 0.9),
+                    "masks": torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)) if k else torch.zeros(0, 1, h, w),
+                }
+            )
+        return outputs
+
+
+def shape_instance_probe(num_classes: int) -> nn.Module:
+    return ShapeInstanceProbe(num_classes)
