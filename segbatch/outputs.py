@@ -77,7 +77,9 @@ INSTANCE_TYPE = pa.struct(
         ("bbox", pa.list_(pa.float32(), 4)),
         ("area", pa.int64()),
         ("rle", pa.string()),
-        ("detector_bbox", pa.list_(pa.float32(), 4)),
+        # A plain list, not list<4> like `bbox`: it is null in version-1 rows until upgraded, and
+        # pyarrow 25 writes a null fixed-size list it then refuses to read back.
+        ("detector_bbox", pa.list_(pa.float32())),
     ]
 )
 

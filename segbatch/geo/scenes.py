@@ -56,7 +56,7 @@ SCENE_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("crs", pa.string()),
-        ("transform", pa.list_(pa.float64(), 6)),
+        ("transform", pa.list_(pa.float64())),  # 6 numbers (GDAL order); a plain list: null on error rows, which pyarrow 25 cannot read back as list<6>
         ("windows", pa.int32()),
         ("polygons", pa.int64()),
         ("class_pixels", pa.list_(pa.int64())),
