@@ -37,6 +37,8 @@ bench: install
 	$(BIN)/python benchmarks/pipeline_efficiency.py --images 128 --batch-size 1
 	$(BIN)/python benchmarks/memory_flat.py --small 100 --large 1000
 	$(BIN)/python benchmarks/export_scale.py --rows 20000 --formats coco cvat
+	PYTHONPATH=. $(BIN)/python benchmarks/scene_memory.py --sides 2500 5000
+	PYTHONPATH=. $(BIN)/python benchmarks/scene_throughput.py --side 2048
 
 clean:
 	rm -rf $(VENV) build *.egg-info
