@@ -218,15 +218,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from segbatch.console import dropping_stderr_lines
     from segbatch.demo import DEMO_SEED, run_demo
 
-    if args.scene:
-        from segbatch.demo import run_scene_demo
-
-        return run_scene_demo(Path(args.workdir), seed=DEMO_SEED if args.seed is None else args.seed)
-    if args.images < 1:
+    seed = DEMO_SEED if args.seed is None else args.seed
+    if not args.scene and args.images < 1:
         raise JobError(f"segbatch demo: --images expected a positive number, but got {args.images}")
-    return run_demo(Path(args.workdir), count=args.images, seed=DEMO_SEED if args.seed is None else args.seed)
+    with dropping_stderr_lines():  # the demo's jobs run in this process: keep Ray's noise off its screen too
+        if args.scene:
+            from segbatch.demo import run_scene_demo
+
+            return run_scene_demo(Path(args.workdir), seed=seed)
+        return run_demo(Path(args.workdir), count=args.images, seed=seed)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
