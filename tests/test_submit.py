@@ -316,9 +316,10 @@ def test_failed_job_exits_1_with_wait(ray_cluster: _TestCluster, tmp_path: Path)
 def test_gpu_node_added_mid_job_gets_predict_actors(ray_cluster: _TestCluster, tmp_path: Path) -> None:
     images = tmp_path / "images"
     write_scene_folder(images, count=64, seed=2)
-    # Cheap, parallel loads and a model made slow by upsampling (resize 640): the predict stage is the
+    # Cheap, parallel loads and a model made slow by upsampling (resize 800): the predict stage is the
     # bottleneck, so Ray Data wants a second actor, which can only start once a second GPU exists.
-    # 64 images keep one actor busy for ~35 s here; the added node needs ~15 s to start a worker that
+    # 64 images at resize 800 keep one actor busy for ~35 s here (at 640 an idle machine finished them in
+    # ~20 s, before the added node had an actor); the added node needs ~15 s to start a worker that
     # has imported torch and built the model (with 32 images the job sometimes ended first).
     job = _write_job(
         tmp_path / "grow.yaml",
@@ -330,7 +331,7 @@ def test_gpu_node_added_mid_job_gets_predict_actors(ray_cluster: _TestCluster, t
         cpus_per_loader=0.25,
     )
     data = yaml.safe_load(job.read_text())
-    data["model"] = {**data["model"], "arch": "lraspp_mobilenet_v3_large", "weights": "none", "num_classes": 4, "resize": 640}
+    data["model"] = {**data["model"], "arch": "lraspp_mobilenet_v3_large", "weights": "none", "num_classes": 4, "resize": 800}
     job.write_text(yaml.safe_dump(data))
     sid = f"grow-{tmp_path.name}"
     args = cli._parser().parse_args(["submit", str(job), "--address", ray_cluster.url, "--id", sid])
