@@ -37,14 +37,17 @@ class PeakRss:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _tree(self) -> list[psutil.Process]:
+        """The process and all its descendants now (empty once it has ended)."""
         try:
             root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
+            return [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            return 0
+            return []
+
+    def _sample(self) -> int:
         total = 0
-        for p in procs:
+        for p in self._tree():
             try:
                 total += p.memory_info().rss
             except psutil.Error:

@@ -71,13 +71,8 @@ class PeakByRole(PeakRss):
     def _sample(self) -> int:
         import psutil
 
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0
         sums: dict[str, int] = {}
-        for p in procs:
+        for p in self._tree():
             try:
                 cmd = " ".join(p.cmdline())[:200]
                 info = p.memory_full_info()

@@ -2,7 +2,7 @@
 
 A run goes through four phases, each a function below, handing on one :class:`JobRun`:
 
-    prepare  (driver)  weights, fingerprint, ledger, plan pages   models.weights, outputs, plan
+    prepare  (driver)  weights digest, ledger, plan pages; the model built only if there is work
     stream   (cluster) read plan → load → predict → write → commit  load, models.Predictor, sinks
     after    (driver)  steps that need every item committed (`after_stream`: e.g. finish a scene)
     finish   (driver)  counts, timings, run manifest
@@ -31,7 +31,7 @@ from segbatch.models.source import WeightsBytes, read_weights
 from segbatch.outputs import manifest_uri, read_ledger
 from segbatch.progress import Progress
 from segbatch.preflight import check_storage
-from segbatch.plan import PLAN_SCHEMA, Plan, listing_errors, read_plan_block, write_plan
+from segbatch.plan import Plan, listing_errors, read_plan_block, write_plan
 from segbatch.result import RunResult, result_dict
 from segbatch.retry import call_with_retries
 from segbatch.sinks import Committer, new_run_id, rows_to_table, write_batch
@@ -60,7 +60,6 @@ class JobRun:
     plan: Plan
     committer: Committer
     layout: ActorLayout | None = None
-    progress: TextIO | None = None  # where images done / total are shown while streaming (None: nowhere)
 
 
 #: A step run on the driver after the stream, once every planned item is committed (or failed).
@@ -282,9 +281,8 @@ def run_job(
     if preflight:
         check_storage(spec)
     run = _prepare(spec, force)
-    run.progress = progress
     if run.plan.counts.todo:
-        _stream(run)
+        _stream(run, progress)
     steps = list(after_stream)
     if spec.tiling is not None:  # scenes: assemble the COG and polygons of every scene now complete
         from segbatch.geo.scenes import finish_scenes
@@ -297,7 +295,8 @@ def run_job(
 
 
 def _prepare(spec: JobSpec, force: bool) -> JobRun:
-    """Weights (resolved and verified once), the ledger, and the plan written as pages."""
+    """The weights' digest, the ledger, the plan written as pages; then, only if there is work, the model
+    built once to prove the weights fit it (before Ray starts)."""
     started = time.time()
     run_id = new_run_id()
     result = RunResult(run_id=run_id, output_uri=spec.output.uri, manifest_uri=manifest_uri(spec.output.uri, run_id))
@@ -332,8 +331,9 @@ def _prepare(spec: JobSpec, force: bool) -> JobRun:
     return JobRun(spec, run_id, started, result, read, weights, fingerprint, plan, committer)
 
 
-def _stream(run: JobRun) -> None:
-    """Start (or join) Ray, decide the actor layout, stream the plan through the stages and commit."""
+def _stream(run: JobRun, progress: TextIO | None) -> None:
+    """Start (or join) Ray, decide the actor layout, stream the plan through the stages and commit;
+    images done / planned are shown on `progress` (nowhere when None)."""
     spec, result = run.spec, run.result
     assert run.weights is not None  # resolved in _prepare whenever there is work
     constants = {
@@ -351,7 +351,7 @@ def _stream(run: JobRun) -> None:
         logger.info("predict actors: %s, %s each", spec.compute.actors, run.layout.describe())
         ds = build_dataset(spec, run.plan, run.weights, run.layout)
         arrivals: list[tuple[float, int]] = []  # (time, rows so far): for the steady-state rate
-        with Progress(run.plan.counts.todo, stream=run.progress, quiet=run.progress is None) as bar:
+        with Progress(run.plan.counts.todo, stream=progress, quiet=progress is None) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 arrivals.append((time.time(), (arrivals[-1][1] if arrivals else 0) + len(batch["item_id"])))
                 table = rows_to_table(batch, constants)

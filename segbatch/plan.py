@@ -38,6 +38,7 @@ from segbatch.storage import (
     ListedObject,
     UnsafeKeyError,
     filesystem,
+    is_manifest,
     list_objects,
     protocol_of,
     safe_relative_key,
@@ -61,7 +62,6 @@ __all__ = [
     "write_plan",
 ]
 
-_MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 
 #: Objects per planning page (and per plan file): bounds the driver's memory while planning.
 PAGE_ROWS = 100_000
@@ -148,10 +148,6 @@ class Plan:
 def item_id_for(uri: str, version: str) -> str:
     """Stable id: sha256 of the URI and its version, 20 hex digits (80 bits: no collisions in practice)."""
     return hashlib.sha256(f"{uri}\n{version}".encode()).hexdigest()[:20]
-
-
-def _is_manifest(uri: str) -> bool:
-    return uri.lower().endswith(_MANIFEST_SUFFIXES) and not any(ch in uri for ch in "*?[")
 
 
 # --- listing, in pages --------------------------------------------------------------------------
@@ -248,7 +244,7 @@ def listed_pages(
     counted in `counts.excluded`: with `output.uri` inside `input.uri`, every rerun would otherwise list
     the previous outputs as new inputs, and a nightly job would feed on itself.
     """
-    if _is_manifest(spec.uri):
+    if is_manifest(spec.uri):
         tracker = _CommonBase()
         for page in _manifest_pages(spec, page_rows):
             tracker.add([o.uri for o in page])

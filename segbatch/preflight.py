@@ -27,9 +27,9 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from segbatch.errors import JobError
-from segbatch.retry import RetryPolicy, is_transient
+from segbatch.retry import RetryPolicy, exception_chain, is_transient
 from segbatch.spec import InputSpec, JobSpec, ModelSpec, OutputSpec
-from segbatch.storage import _s3_env_options, protocol_of
+from segbatch.storage import _s3_env_options, is_manifest, protocol_of
 
 __all__ = [
     "check_input",
@@ -52,7 +52,6 @@ READ_TIMEOUT = 10.0
 POLICY = RetryPolicy(attempts=4, base_delay=0.2, max_delay=1.0)
 
 _S3 = ("s3", "s3a")
-_MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")  # as segbatch.plan
 _DENIED_CODES = {
     "AccessDenied",
     "AllAccessDisabled",
@@ -87,7 +86,7 @@ def check_input(spec: InputSpec) -> None:
     uri = spec.uri
     try:
         fs, path = _fast_filesystem(uri, spec.storage_options)
-        if _is_manifest(uri):
+        if is_manifest(uri):
             info = _retrying(lambda: fs.info(path))
             if info.get("type") == "directory":
                 raise JobError(f"input.uri '{uri}': is a folder, but its name ends like a manifest file")
@@ -165,7 +164,7 @@ def describe_storage_error(
     """
     options = storage_options or {}
     where = f"{key} '{uri}'"
-    chain = list(_chain(error))
+    chain = list(exception_chain(error))
     codes = {c for c in (_error_code(e) for e in chain) if c}
     text = " ".join(str(e) for e in chain).lower()
     remote = protocol_of(uri) not in ("file", "local")
@@ -219,7 +218,7 @@ def is_storage_error(error: BaseException) -> bool:
         return False
     if isinstance(error, OSError):
         return True
-    return any(type(e).__module__.split(".")[0] in _STORAGE_MODULES for e in _chain(error))
+    return any(type(e).__module__.split(".")[0] in _STORAGE_MODULES for e in exception_chain(error))
 
 
 _STORAGE_MODULES = {"botocore", "aiobotocore", "s3fs", "aiohttp", "fsspec", "gcsfs", "google", "adlfs", "azure"}
@@ -256,7 +255,7 @@ def _retrying(fn: Callable[[], T]) -> T:
         try:
             return fn()
         except Exception as e:
-            chain = list(_chain(e))
+            chain = list(exception_chain(e))
             text = " ".join(str(x) for x in chain).lower()
             if attempt + 1 >= POLICY.attempts or not is_transient(e) or _connection_failed(chain, text):
                 raise
@@ -273,22 +272,9 @@ def _s3_first_page(fs: Any, path: str, uri: str) -> None:
         raise FileNotFoundError(f"no objects under {uri}")
 
 
-def _is_manifest(uri: str) -> bool:
-    return uri.lower().endswith(_MANIFEST_SUFFIXES) and not any(ch in uri for ch in "*?[")
-
-
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
-
-
-def _chain(error: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
 
 
 def _error_code(error: BaseException) -> str | None:
@@ -328,7 +314,7 @@ def _no_credentials(chain: list[BaseException]) -> bool:
 
 def _bucket_missing(error: BaseException) -> bool:
     return any(
-        _error_code(e) == "NoSuchBucket" or "bucket does not exist" in str(e).lower() for e in _chain(error)
+        _error_code(e) == "NoSuchBucket" or "bucket does not exist" in str(e).lower() for e in exception_chain(error)
     )
 
 

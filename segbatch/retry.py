@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["DEFAULT_POLICY", "Retries", "RetryPolicy", "call_with_retries", "is_transient"]
+__all__ = ["DEFAULT_POLICY", "Retries", "RetryPolicy", "call_with_retries", "exception_chain", "is_transient"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Retries:
     count: int = 0
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     """`exc`, then its causes and contexts (each once)."""
     seen: set[int] = set()
     cur: BaseException | None = exc
@@ -185,7 +185,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, _PERMANENT):
         return False
     errnos = []
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         verdict = _client_error_transient(e)
         if verdict is not None:
             return verdict

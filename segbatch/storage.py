@@ -22,6 +22,7 @@ __all__ = [
     "ListedObject",
     "UnsafeKeyError",
     "filesystem",
+    "is_manifest",
     "join_uri",
     "list_objects",
     "protocol_of",
@@ -47,6 +48,15 @@ class ListedObject:
 def protocol_of(uri: str) -> str:
     """`s3`, `gs`, `file`, ... for a URI or plain path."""
     return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+#: File endings of an input manifest (a list of image URIs) rather than a prefix or glob.
+MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
+
+
+def is_manifest(uri: str) -> bool:
+    """Whether `input.uri` names a manifest file (planning reads it; preflight checks it exists)."""
+    return uri.lower().endswith(MANIFEST_SUFFIXES) and not any(ch in uri for ch in "*?[")
 
 
 def _s3_env_options() -> dict[str, Any]:

@@ -19,9 +19,9 @@ rasterio = pytest.importorskip("rasterio")
 gpd = pytest.importorskip("geopandas")
 
 from segbatch.geo.polygons import polygonize  # noqa: E402
-from segbatch.geo.read import read_window, to_uint8, open_scene  # noqa: E402
+from segbatch.geo.read import open_scene, to_uint8  # noqa: E402
 from segbatch.geo.scenes import read_scene_rows  # noqa: E402
-from segbatch.geo.windows import Window, core_of, grid, starts  # noqa: E402
+from segbatch.geo.windows import core_of, grid, starts  # noqa: E402
 from segbatch.outputs import read_rows  # noqa: E402
 from segbatch.pipeline import run_job  # noqa: E402
 from segbatch.spec import ScaleSpec, parse_job  # noqa: E402

@@ -15,7 +15,6 @@ columns (CRS, windows, polygons). `read_scene_rows` reads them.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -107,7 +106,7 @@ def finish_scenes(run: Any) -> None:
     scenes: list[PlannedScene] = plan.scenes
     if not scenes:
         return
-    o, t = spec.output, spec.tiling
+    o = spec.output
     finished = read_scene_rows(o.uri, o.storage_options)
     finished_keys = {
         (u, v) for u, v, s in zip(finished["uri"].to_pylist(), finished["version"].to_pylist(), finished["status"].to_pylist())
@@ -147,7 +146,7 @@ def _finish_one(
     dtype: str,
     run_id: str,
 ) -> dict[str, Any] | None:
-    o, t = spec.output, spec.tiling
+    t = spec.tiling
     base: dict[str, Any] = {
         "uri": scene.uri, "version": scene.version, "rel_key": scene.rel_key, "run_id": run_id,
         "windows": scene.windows, "status": "error", "error_class": None, "error": None, "warning": None, "mask_uri": None,

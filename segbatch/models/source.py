@@ -17,7 +17,7 @@ from segbatch.retry import Retries
 from segbatch.spec import ModelSpec
 from segbatch.storage import read_bytes
 
-__all__ = ["WeightsBytes", "read_weights", "weights_kind"]
+__all__ = ["WeightsBytes", "read_weights"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,12 +28,6 @@ class WeightsBytes:
     source: str
     payload: bytes | None
     sha256: str
-
-
-def weights_kind(spec: ModelSpec) -> str:
-    if spec.weights in ("none", "torchvision"):
-        return spec.weights
-    return "builtin" if spec.weights.startswith("builtin:") else "checkpoint"
 
 
 def _read_checkpoint(spec: ModelSpec) -> bytes:
@@ -66,7 +60,9 @@ def read_weights(spec: ModelSpec) -> WeightsBytes:
     Raises:
         JobError: missing or unreadable weights, or a digest that is not `model.sha256`.
     """
-    kind = weights_kind(spec)
+    kind = spec.weights if spec.weights in ("none", "torchvision") else (
+        "builtin" if spec.weights.startswith("builtin:") else "checkpoint"
+    )
     payload: bytes | None = None
     source = spec.weights
     if kind == "torchvision":
