@@ -16,7 +16,7 @@ from pathlib import Path
 
 from segbatch.errors import JobError
 from segbatch.preflight import check_storage, describe_storage_error, is_storage_error
-from segbatch.spec import SpecError, add_override_argument, load_job
+from segbatch.spec import JobSpec, SpecError, add_override_argument, load_job
 from segbatch.submit import add_submit_parser, cmd_submit
 
 __all__ = ["main"]
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         "--check-storage", action="store_true", help="also resolve the weights and list the input (touches storage)"
     )
     demo = sub.add_parser(
-        "demo", help="generate fresh scenes with truth, run jobs/demo.yaml and jobs/demo-instance.yaml, score both"
+        "demo", help="generate fresh scenes with truth, run jobs/prelabel.yaml (a semantic and an instance layer), score, export and preview both"
     )
     demo.add_argument("--workdir", default=".", help="where demo-data/ and demo-output/ go (default: .)")
     demo.add_argument("--images", type=int, default=48, help="number of scenes to generate (default: 48)")
@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         help="ground truth: semantic, a folder with labels/<rel_key>.png; instance, a COCO instances JSON "
         "or a folder holding instances.json (segbatch.synth.write_dataset writes one folder for both)",
     )
+    ev.add_argument("--layer", default=None, help="the layer of a several-model job's output to score (OUTPUT/<layer>/)")
     ex = sub.add_parser(
         "export", help="write a job's committed outputs for CVAT, Label Studio or COCO tools (no model is run)"
     )
@@ -79,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--dest", default=None, help="destination folder or URI (default: OUTPUT/exports/<format>/)")
     ex.add_argument("--min-score", type=float, default=0.0, help="leave out instances scoring below this (default: 0)")
     ex.add_argument("--polygons", action="store_true", help="polygons (outer contours) instead of masks")
-    ex.add_argument("--layer", default=None, help="the model layer to export (outputs hold one, named by their task)")
+    ex.add_argument("--layer", default=None, help="the layer of a several-model job's output to export (OUTPUT/<layer>/)")
     ex.add_argument("--task-size", type=int, default=1000, help="cvat: images per task (default: 1000)")
     ex.add_argument(
         "--local-files-root",
@@ -91,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--dest", default=None, help="destination folder or URI (default: OUTPUT/report/)")
     rep.add_argument("--min-score", type=float, default=0.0, help="leave out instances scoring below this (default: 0)")
     rep.add_argument("--gallery", type=int, default=200, help="overlays in the gallery, worst first (default: 200)")
+    rep.add_argument("--layer", default=None, help="the layer of a several-model job's output (OUTPUT/<layer>/)")
     return parser
 
 
@@ -141,7 +143,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.gallery < 0:
         raise SpecError(f"--gallery expected a number >= 0, but got {args.gallery}")
     try:
-        summary = write_report_html(args.output, dest=args.dest, min_score=args.min_score, gallery=args.gallery)
+        summary = write_report_html(
+            args.output, dest=args.dest, min_score=args.min_score, gallery=args.gallery, layer=args.layer
+        )
     except (JobError, SpecError):
         raise
     except Exception as e:  # noqa: BLE001 - a storage problem is one line, exit 1
@@ -180,40 +184,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     """Weights are read for their digest (part of the fingerprint the ledger is checked against), never built: no torch."""
     spec = load_job(args.job, args.overrides)
-    from segbatch.models.source import read_weights
-    from segbatch.outputs import read_ledger
-    from segbatch.plan import count_plan, listing_errors, output_prefix
+    from segbatch.plan import count_plan, listing_errors, output_prefix, read_job_ledgers
     from segbatch.result import format_plan
 
     started = time.time()
-    weights = read_weights(spec.model)
     o = spec.output
     try:
-        ledger = read_ledger(o.uri, o.storage_options, spec.result_fingerprint(weights.sha256))
+        ledger, _ = read_job_ledgers(spec)
     except (JobError, SpecError):
         raise
     except Exception as e:  # noqa: BLE001 - a storage problem is one line, exit 1
         raise JobError(f"cannot read the outputs under output.uri '{o.uri}': {type(e).__name__}: {e}") from None
     with listing_errors(spec.input.uri):
         counts = count_plan(spec.input, ledger, tiling=spec.tiling, exclude_prefix=output_prefix(o.uri, o.storage_options))
-    print(format_plan(args.job, spec.input.uri, o.uri, counts, time.time() - started), flush=True)
+    layers = [name for name, _ in spec.layer_jobs()] if spec.layered else None
+    print(format_plan(args.job, spec.input.uri, o.uri, counts, time.time() - started, layers), flush=True)
     return EXIT_OK
+
+
+def _describe_models(spec: JobSpec) -> str:
+    if spec.layers is None:
+        m = spec.first_model
+        return f"{m.task}, {m.arch or m.weights}"
+    return "layers " + ", ".join(f"{layer.name}: {layer.task} {layer.arch or layer.weights}" for layer in spec.layers)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     spec = load_job(args.job, args.overrides)
-    line = f"{args.job}: ok ({spec.model.task}, {spec.model.arch or spec.model.weights}, output {spec.output.uri})"
+    line = f"{args.job}: ok ({_describe_models(spec)}, output {spec.output.uri})"
     if args.check_storage:
         check_storage(spec)  # before importing torch: a storage problem is reported in seconds
         from segbatch.models.weights import resolve_weights
         from segbatch.plan import count_plan
 
-        weights = resolve_weights(spec.model)
+        digests = []
+        for _, job in spec.layer_jobs():
+            assert job.model is not None
+            digests.append(resolve_weights(job.model).sha256[:12])
         try:
             listed = count_plan(spec.input, tiling=spec.tiling).listed
         except Exception as e:  # noqa: BLE001 - as `run`: a listing failure is one line
             raise JobError(describe_storage_error(e, "input.uri", spec.input.uri, spec.input.storage_options)) from None
-        line += f"; weights sha256 {weights.sha256[:12]}; {listed} images listed"
+        line += f"; weights sha256 {', '.join(digests)}; {listed} images listed"
     print(line)
     return EXIT_OK
 
@@ -236,8 +248,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from segbatch.evaluate import evaluate_output, format_report, write_report
 
-    report = evaluate_output(args.output, args.truth)
-    uri = write_report(report, args.output)
+    from segbatch.outputs import layer_output
+
+    try:
+        output = layer_output(args.output, None, args.layer)
+    except FileNotFoundError:
+        output = args.output  # evaluate_output words a missing output
+    report = evaluate_output(output, args.truth)
+    uri = write_report(report, output)
     print(format_report(report), flush=True)
     print(f"  report     {uri}", flush=True)
     return EXIT_OK

@@ -41,9 +41,12 @@ __all__ = [
     "RUNS",
     "SCHEMA_VERSION",
     "SUPERSEDED",
+    "LayerLedgers",
     "Ledger",
     "file_metadata",
     "hash64",
+    "layer_names",
+    "layer_output",
     "iter_parts",
     "latest_rows",
     "manifest_uri",
@@ -104,8 +107,54 @@ METADATA_SCHEMA = pa.schema(
         ("num_instances", pa.int32()),
         ("instances", pa.list_(INSTANCE_TYPE)),
         ("committed_at", pa.timestamp("ms", tz="UTC")),
+        # Several-model jobs: 1 - IoU of this image's semantic and instance foregrounds (both layers' rows
+        # carry it); null for one-model jobs, and in parts written before it existed (read as null).
+        ("layer_disagreement", pa.float32()),
     ]
 )
+
+
+def layer_names(output_uri: str, storage_options: dict[str, Any] | None) -> list[str]:
+    """The layers of a several-model job's output (folders holding a `metadata/` folder), sorted; [] for a
+    one-model output (which has its own `metadata/`)."""
+    fs, root = filesystem(output_uri, storage_options)
+    root = root.rstrip("/")
+    if call_with_retries(lambda: fs.exists(f"{root}/{METADATA}"), what=f"reading {output_uri}"):
+        return []
+    try:
+        entries = call_with_retries(lambda: fs.ls(root, detail=True), what=f"listing {output_uri}")
+    except FileNotFoundError:
+        return []
+    folders = [e["name"].rstrip("/") for e in entries if e.get("type") == "directory"]
+    return sorted(
+        f.rsplit("/", 1)[-1] for f in folders if f.rsplit("/", 1)[-1] != RUNS and fs.exists(f"{f}/{METADATA}")
+    )
+
+
+def layer_output(output_uri: str, storage_options: dict[str, Any] | None, layer: str | None) -> str:
+    """Where a command reads a layer: `OUTPUT/<layer>` of a several-model output (the only layer when it has
+    one), or `OUTPUT` itself for a one-model output (whose single layer `--layer` may name by its task).
+
+    Raises:
+        JobError: `layer` is not one of the output's layers, or the output has several and none was named.
+    """
+    names = layer_names(output_uri, storage_options)
+    if not names:
+        if layer is not None:
+            task = output_task(file_metadata(output_uri, storage_options))
+            if layer != task:
+                raise JobError(
+                    f"--layer expected one of the output's layers ['{task}'], but got '{layer}' "
+                    f"('{output_uri}' holds one model's results, named by their task)"
+                )
+        return output_uri
+    if layer is None:
+        if len(names) == 1:
+            return join_uri(output_uri, names[0])
+        raise JobError(f"'{output_uri}' holds the layers {names} of a several-model job: pass --layer NAME")
+    if layer not in names:
+        raise JobError(f"--layer expected one of the output's layers {names}, but got '{layer}'")
+    return join_uri(output_uri, layer)
 
 
 def manifest_uri(output_uri: str, run_id: str) -> str:
@@ -158,7 +207,13 @@ def iter_parts(
 
     def read_part(path: str) -> pa.Table:
         with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=wanted)
+            pf = pq.ParquetFile(f)
+            present = set(pf.schema_arrow.names)
+            table = pf.read(columns=None if wanted is None else [c for c in wanted if c in present])
+        for name in schema.names:  # a column added since the part was written reads as nulls
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
+        return table
 
     paths = _part_paths(fs, root, METADATA) if parts is None else [filesystem(u, storage_options)[1] for u in parts]
     for p in paths:
@@ -310,6 +365,45 @@ class Ledger:
     def had_uris(self, uri_hashes: np.ndarray) -> np.ndarray:
         """Per hashed URI: was any version of it committed before? (a new version is "changed")"""
         return _member(self.uris, uri_hashes)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerLedgers:
+    """A several-model job's ledgers, one per layer (`layers:`): an item is done only once every layer
+    holds it, and a rerun runs an item through the layers that lack it (:meth:`missing`), no others."""
+
+    ledgers: tuple[Ledger, ...]
+
+    def __len__(self) -> int:
+        return sum(len(ledger) for ledger in self.ledgers)
+
+    def has_items(self, item_id_hashes: np.ndarray) -> np.ndarray:
+        """Per hashed item id: committed in every layer?"""
+        done = np.ones(item_id_hashes.size, dtype=bool)
+        for ledger in self.ledgers:
+            done &= ledger.has_items(item_id_hashes)
+        return done
+
+    def has_any(self, item_id_hashes: np.ndarray) -> np.ndarray:
+        """Per hashed item id: committed in at least one layer?"""
+        found = np.zeros(item_id_hashes.size, dtype=bool)
+        for ledger in self.ledgers:
+            found |= ledger.has_items(item_id_hashes)
+        return found
+
+    def had_uris(self, uri_hashes: np.ndarray) -> np.ndarray:
+        """Per hashed URI: was any version of it committed before, in any layer?"""
+        had = np.zeros(uri_hashes.size, dtype=bool)
+        for ledger in self.ledgers:
+            had |= ledger.had_uris(uri_hashes)
+        return had
+
+    def missing(self, item_id_hashes: np.ndarray) -> np.ndarray:
+        """Per hashed item id: a bit mask of the layers (bit k = layer k) that lack it."""
+        bits = np.zeros(item_id_hashes.size, dtype=np.int64)
+        for k, ledger in enumerate(self.ledgers):
+            bits |= np.where(ledger.has_items(item_id_hashes), 0, 1 << k)
+        return bits
 
 
 def read_ledger(

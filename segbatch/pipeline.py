@@ -27,23 +27,38 @@ from segbatch import __version__
 from segbatch.errors import JobError
 from segbatch.layout import ActorLayout, decide_layout
 from segbatch.load import load_batch
-from segbatch.models.source import WeightsBytes, read_weights
-from segbatch.outputs import manifest_uri, read_ledger
+from segbatch.models.source import WeightsBytes
+from segbatch.outputs import manifest_uri
 from segbatch.progress import Progress
 from segbatch.preflight import check_storage
-from segbatch.plan import Plan, listing_errors, read_plan_block, write_plan
+from segbatch.plan import Plan, listing_errors, read_job_ledgers, read_plan_block, write_plan
 from segbatch.result import RunResult, result_dict
+from segbatch.rows import take_rows
 from segbatch.retry import call_with_retries
-from segbatch.sinks import Committer, new_run_id, rows_to_table, write_batch
+from segbatch.sinks import Committer, new_run_id, rows_to_table, write_batch, write_layer_batch
 from segbatch.spec import JobSpec
 from segbatch.storage import filesystem, write_bytes_atomic
 
 if TYPE_CHECKING:  # torch comes in only when there is work: see _prepare
     from segbatch.models.weights import ResolvedWeights
 
-__all__ = ["AfterStream", "JobRun", "RunResult", "build_dataset", "load_block_rows", "result_dict", "run_job"]
+__all__ = ["AfterStream", "JobRun", "LayerRun", "RunResult", "build_dataset", "load_block_rows", "result_dict", "run_job"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LayerRun:
+    """One model of a run: the single-model job it equals (:meth:`JobSpec.layer_jobs`: a layer's output is
+    `output.uri/<name>/`), its weights, fingerprint and committer. A one-model job has one, named ""."""
+
+    name: str
+    spec: JobSpec
+    read: WeightsBytes  # the weights' bytes and digest (torch-free)
+    fingerprint: str
+    committer: Committer
+    weights: ResolvedWeights | None = None  # built and verified; None when there is nothing to process
+    todo: int = 0  # items this model runs on in this run
 
 
 @dataclass(slots=True)
@@ -54,12 +69,26 @@ class JobRun:
     run_id: str
     started: float
     result: RunResult
-    read: WeightsBytes  # the weights' bytes and digest (torch-free)
-    weights: ResolvedWeights | None  # built and verified; None when there is nothing to process
-    fingerprint: str
     plan: Plan
-    committer: Committer
+    layers: list[LayerRun]
     layout: ActorLayout | None = None
+
+    # A one-model job's model, for steps that have one (scenes).
+    @property
+    def read(self) -> WeightsBytes:
+        return self.layers[0].read
+
+    @property
+    def weights(self) -> ResolvedWeights | None:
+        return self.layers[0].weights
+
+    @property
+    def fingerprint(self) -> str:
+        return self.layers[0].fingerprint
+
+    @property
+    def committer(self) -> Committer:
+        return self.layers[0].committer
 
 
 #: A step run on the driver after the stream, once every planned item is committed (or failed).
@@ -199,20 +228,42 @@ def _plan_dataset(spec: JobSpec, plan: Plan, block_rows: int) -> Any:
     return ray.data.read_datasource(PlanSource(), override_num_blocks=len(plan.blocks(block_rows)))
 
 
-def build_dataset(spec: JobSpec, plan: Plan, weights: ResolvedWeights, layout: ActorLayout) -> Any:
-    """The Ray Data plan: plan pages → load (tasks) → predict (actor pool) → write (tasks)."""
+def build_dataset(spec: JobSpec, plan: Plan, layers: Sequence[LayerRun], layout: ActorLayout) -> Any:
+    """The Ray Data plan: plan pages → load (tasks) → predict (actor pool) → write (tasks).
+
+    A several-model job has one actor pool holding every layer's model (:class:`LayerPredictor`) and one
+    write stage that puts each row under its layer's output.
+    """
     import ray
 
-    from segbatch.models.predictor import Predictor
+    from segbatch.models.predictor import LayerPredictor, Predictor
 
-    c, m = spec.compute, spec.model
+    c, m = spec.compute, spec.first_model
     todo = plan.counts.todo
     load_rows = load_block_rows(c.load_batch_size, todo, layout.streams, m.batch_size)
     ds = _plan_dataset(spec, plan, max(load_rows, math.ceil(todo / 20_000)))  # at most ~20k blocks
     load_fn: Callable[..., Any] = load_batch
     load_kwargs: dict[str, Any] = {"settings": spec.load_settings()}
+    one = layers[0]
+    predictor: type = Predictor
+    predict_kwargs: dict[str, Any] = {
+        "task": m.task, "weights": ray.put(one.weights), "settings": one.spec.predict_settings(), "layout": layout
+    }
     write_fn: Callable[..., Any] = write_batch
     write_kwargs: dict[str, Any] = {"output": spec.output, "task": m.task}
+    if spec.layered:
+        predictor = LayerPredictor
+        predict_kwargs = {
+            "layers": [
+                (lr.name, lr.spec.first_model.task, ray.put(lr.weights), lr.spec.predict_settings()) for lr in layers
+            ],
+            "layout": layout,
+        }
+        write_fn = write_layer_batch
+        write_kwargs = {
+            "outputs": {lr.name: lr.spec.output for lr in layers},
+            "tasks": {lr.name: lr.spec.first_model.task for lr in layers},
+        }
     if spec.tiling is not None:  # scenes: windows read by ranges, cores written as parts
         from segbatch.geo.read import load_windows
         from segbatch.geo.stitch import write_cores
@@ -232,7 +283,7 @@ def build_dataset(spec: JobSpec, plan: Plan, weights: ResolvedWeights, layout: A
         {"size": c.actors} if isinstance(c.actors, int) else {"min_size": c.actors[0], "max_size": c.actors[1]}
     )
     ds = ds.map_batches(
-        Predictor,
+        predictor,
         batch_size=m.batch_size,
         num_cpus=c.cpus_per_actor,
         num_gpus=c.gpus_per_actor,
@@ -241,12 +292,7 @@ def build_dataset(spec: JobSpec, plan: Plan, weights: ResolvedWeights, layout: A
         compute=ray.data.ActorPoolStrategy(
             **pool, max_concurrent_calls_per_actor=layout.streams, enable_true_multi_threading=layout.streams > 1
         ),
-        fn_constructor_kwargs={
-            "task": m.task,
-            "weights": ray.put(weights),
-            "settings": spec.predict_settings(),
-            "layout": layout,
-        },
+        fn_constructor_kwargs=predict_kwargs,
     )
     return ds.map_batches(
         write_fn,
@@ -295,20 +341,23 @@ def run_job(
 
 
 def _prepare(spec: JobSpec, force: bool) -> JobRun:
-    """The weights' digest, the ledger, the plan written as pages; then, only if there is work, the model
-    built once to prove the weights fit it (before Ray starts)."""
+    """The weights' digests, the ledgers, the plan written as pages; then, only if there is work, each model
+    built once to prove its weights fit it (before Ray starts).
+
+    A several-model job does this per layer, on the single-model job each layer equals; its plan holds an
+    item while any layer lacks it, with a bit mask of those layers (:class:`LayerLedgers`).
+    """
     started = time.time()
     run_id = new_run_id()
     result = RunResult(run_id=run_id, output_uri=spec.output.uri, manifest_uri=manifest_uri(spec.output.uri, run_id))
     result.max_error_fraction = spec.run.max_error_fraction
-    read = read_weights(spec.model)  # the digest is all the ledger check needs: no torch yet
-    result.weights_sha256 = read.sha256
-    fingerprint = spec.result_fingerprint(read.sha256)
+    ledger, models = read_job_ledgers(spec, force=force, run_id=run_id)  # digests only: no torch yet
+    layers = [LayerRun(m.name, m.job, m.read, m.fingerprint, committer=None) for m in models]  # type: ignore[arg-type]  # committers below
+    result.weights_sha256 = "" if spec.layered else layers[0].read.sha256
     o = spec.output
-    ledger = read_ledger(o.uri, o.storage_options, fingerprint, force=force, run_id=run_id)
     with listing_errors(spec.input.uri):
         plan = write_plan(spec.input, ledger, o.uri, o.storage_options, run_id, tiling=spec.tiling)
-    del ledger
+    del ledger, models
     c = plan.counts
     if c.listed == 0:
         raise JobError(
@@ -316,47 +365,57 @@ def _prepare(spec: JobSpec, force: bool) -> JobRun:
             f"{', '.join('.' + e for e in spec.input.extensions)}); check the path, or set input.extensions"
         )
     result.listed, result.skipped, result.new, result.changed = c.listed, c.skipped, c.new, c.changed
+    result.unfinished = c.unfinished
     result.excluded = c.excluded
     if c.excluded:
         logger.warning("left out %d objects under output.uri '%s': it lies inside input.uri", c.excluded, o.uri)
     logger.info("planned %d items (%d listed, %d already done)", c.todo, c.listed, c.skipped)
-    weights = None
-    if c.todo:  # build the model once and prove the weights fit it, before Ray starts
-        from segbatch.models.weights import resolve_weights
+    for k, layer in enumerate(layers):
+        layer.todo = c.layer_todo[k] if spec.layered and c.layer_todo else c.todo
+        m = layer.spec.model
+        assert m is not None
+        if c.todo:  # build the model once and prove the weights fit it, before Ray starts
+            from segbatch.models.weights import resolve_weights
 
-        weights = resolve_weights(spec.model, read)
-    classes = weights.classes if weights is not None else spec.model.classes
-    file_metadata = {"segbatch.classes": json.dumps(list(classes) if classes else None), "segbatch.task": spec.model.task}
-    committer = Committer(o, run_id, file_metadata)
-    return JobRun(spec, run_id, started, result, read, weights, fingerprint, plan, committer)
+            layer.weights = resolve_weights(m, layer.read)
+        classes = layer.weights.classes if layer.weights is not None else m.classes
+        file_metadata = {"segbatch.classes": json.dumps(list(classes) if classes else None), "segbatch.task": m.task}
+        layer.committer = Committer(layer.spec.output, run_id, file_metadata)
+    return JobRun(spec, run_id, started, result, plan, layers)
 
 
 def _stream(run: JobRun, progress: TextIO | None) -> None:
     """Start (or join) Ray, decide the actor layout, stream the plan through the stages and commit;
-    images done / planned are shown on `progress` (nowhere when None)."""
+    results done / planned are shown on `progress` (nowhere when None)."""
     spec, result = run.spec, run.result
-    assert run.weights is not None  # resolved in _prepare whenever there is work
-    constants = {
-        "task": spec.model.task,
-        "model": run.weights.arch,
-        "weights_sha256": run.weights.sha256,
-        "fingerprint": run.fingerprint,
-        "run_id": run.run_id,
-    }
+    constants: dict[str, dict[str, str]] = {}
+    for layer in run.layers:
+        assert layer.weights is not None  # resolved in _prepare whenever there is work
+        constants[layer.name] = {
+            "task": layer.spec.first_model.task,
+            "model": layer.weights.arch,
+            "weights_sha256": layer.weights.sha256,
+            "fingerprint": layer.fingerprint,
+            "run_id": run.run_id,
+        }
+    committers = {layer.name: layer.committer for layer in run.layers}
     stream_start = time.time()
     started_ray = _ensure_ray(spec)
     try:
         _check_resources(spec, started_ray)
         run.layout = decide_layout(spec.compute, _one_node_cpus())
         logger.info("predict actors: %s, %s each", spec.compute.actors, run.layout.describe())
-        ds = build_dataset(spec, run.plan, run.weights, run.layout)
+        ds = build_dataset(spec, run.plan, run.layers, run.layout)
         arrivals: list[tuple[float, int]] = []  # (time, rows so far): for the steady-state rate
-        with Progress(run.plan.counts.todo, stream=progress, quiet=progress is None) as bar:
+        total = sum(layer.todo for layer in run.layers)
+        unit = "results" if spec.layered else "images"
+        with Progress(total, stream=progress, quiet=progress is None, unit=unit) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                arrivals.append((time.time(), (arrivals[-1][1] if arrivals else 0) + len(batch["item_id"])))
-                table = rows_to_table(batch, constants)
-                run.committer.add(table)
-                bar.update(table.num_rows, errors=int(np.sum(batch["status"] != "ok")))
+                rows = len(batch["item_id"])
+                arrivals.append((time.time(), (arrivals[-1][1] if arrivals else 0) + rows))
+                for name, part in _by_layer(batch):
+                    committers[name].add(rows_to_table(part, constants[name]))
+                bar.update(rows, errors=int(np.sum(batch["status"] != "ok")))
                 if "retries" in batch:
                     result.retried += int(np.sum(batch["retries"]))
         result.steady_images_per_second = _steady_rate(arrivals)
@@ -364,8 +423,9 @@ def _stream(run: JobRun, progress: TextIO | None) -> None:
             result.first_result_seconds = arrivals[0][0] - stream_start
             result.last_result_seconds = arrivals[-1][0] - stream_start
     finally:
-        run.committer.flush()  # also on failure: rows already finished are committed, not lost
-        result.retried += run.committer.retries.count
+        for layer in run.layers:
+            layer.committer.flush()  # also on failure: rows already finished are committed, not lost
+            result.retried += layer.committer.retries.count
         if started_ray:
             import ray
 
@@ -373,47 +433,85 @@ def _stream(run: JobRun, progress: TextIO | None) -> None:
         result.stream_seconds = time.time() - stream_start
 
 
+def _by_layer(batch: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A finished batch's rows per layer (one-model jobs: all of them, under "")."""
+    if "layer" not in batch:
+        return [("", batch)]
+    names = np.asarray(batch["layer"], dtype=object)
+    return [(name, take_rows(batch, np.flatnonzero(names == name))) for name in dict.fromkeys(names.tolist())]
+
+
 def _finish(run: JobRun) -> None:
-    """Counts, rates and the run manifest."""
+    """Counts, rates and the run manifest (a several-model job: one per layer in its own output, and one
+    for the job listing the layers)."""
     result = run.result
-    counts = Counter(run.committer.committed_counts)  # rows in the ledger, not rows the driver saw
-    result.processed = sum(counts.values())
-    result.ok = counts.pop("ok", 0)
-    result.errors = dict(sorted(counts.items()))
+    totals: Counter[str] = Counter()
+    for layer in run.layers:
+        counts = Counter(layer.committer.committed_counts)  # rows in the ledger, not rows the driver saw
+        totals.update(counts)
+        if run.spec.layered:
+            ok = counts.pop("ok", 0)
+            result.layers[layer.name] = {
+                "output_uri": layer.spec.output.uri,
+                "manifest_uri": manifest_uri(layer.spec.output.uri, run.run_id),
+                "processed": ok + sum(counts.values()),
+                "ok": ok,
+                "errors": dict(sorted(counts.items())),
+            }
+    result.processed = sum(totals.values())
+    result.ok = totals.pop("ok", 0)
+    result.errors = dict(sorted(totals.items()))
     result.wall_seconds = time.time() - run.started
     result.images_per_second = result.processed / result.stream_seconds if result.stream_seconds > 0 else 0.0
     result.error_fraction = result.error_count / result.processed if result.processed else 0.0
-    _write_manifest(run)
+    if run.spec.layered:
+        for layer in run.layers:
+            _write_manifest(run, layer)
+    _write_manifest(run, None if run.spec.layered else run.layers[0])
 
 
-def _write_manifest(run: JobRun) -> None:
-    spec, result, weights, m = run.spec, run.result, run.weights, run.spec.model
-    # With nothing to process the model was never built: arch and classes are what the job says.
-    classes = weights.classes if weights is not None else m.classes
-    manifest = {
-        "run_id": result.run_id,
-        "job": spec.redacted(),
-        "versions": _versions(),
-        "weights": {
-            "kind": run.read.kind,
-            "source": run.read.source,
-            "sha256": run.read.sha256,
-            "arch": weights.arch if weights is not None else m.arch,
-            "num_classes": weights.num_classes if weights is not None else m.num_classes,
-            "classes": list(classes) if classes else None,
-        },
-        "fingerprint": run.fingerprint,
-        "counts": {
-            "listed": result.listed,
-            "skipped": result.skipped,
-            "new": result.new,
-            "changed": result.changed,
-            "excluded": result.excluded,
-            "processed": result.processed,
-            "retried": result.retried,
-            "ok": result.ok,
-            "error": result.errors,
-        },
+def _write_manifest(run: JobRun, layer: LayerRun | None) -> None:
+    """`runs/<run_id>.json` of a model's output (`layer`), or of a several-model job's top folder (None)."""
+    spec, result = run.spec, run.result
+    counts: dict[str, Any] = {
+        "listed": result.listed,
+        "skipped": result.skipped,
+        "new": result.new,
+        "changed": result.changed,
+        **({"unfinished": result.unfinished} if spec.layered else {}),
+        "excluded": result.excluded,
+        "processed": result.processed,
+        "retried": result.retried,
+        "ok": result.ok,
+        "error": result.errors,
+    }
+    manifest: dict[str, Any] = {"run_id": result.run_id, "job": spec.redacted(), "versions": _versions()}
+    if layer is not None:
+        weights, m = layer.weights, layer.spec.first_model
+        # With nothing to process the model was never built: arch and classes are what the job says.
+        classes = weights.classes if weights is not None else m.classes
+        if spec.layered:  # this layer's own rows: the job's counts are in the top folder's manifest
+            mine = result.layers[layer.name]
+            counts.update(
+                skipped=result.listed - layer.todo, processed=mine["processed"], ok=mine["ok"], error=mine["errors"]
+            )
+            manifest["layer"] = layer.name
+        manifest |= {
+            "weights": {
+                "kind": layer.read.kind,
+                "source": layer.read.source,
+                "sha256": layer.read.sha256,
+                "arch": weights.arch if weights is not None else m.arch,
+                "num_classes": weights.num_classes if weights is not None else m.num_classes,
+                "classes": list(classes) if classes else None,
+            },
+            "fingerprint": layer.fingerprint,
+            "metadata_parts": layer.committer.parts,
+        }
+    else:
+        manifest["layers"] = result.layers
+    manifest |= {
+        "counts": counts,
         "timing": {
             "wall_seconds": round(result.wall_seconds, 3),
             "stream_seconds": round(result.stream_seconds, 3),
@@ -424,9 +522,9 @@ def _write_manifest(run: JobRun) -> None:
         },
         "error_fraction": result.error_fraction,
         "max_error_fraction": result.max_error_fraction,
-        "metadata_parts": run.committer.parts,
         "plan_parts": run.plan.parts,
     }
-    fs, path = filesystem(result.manifest_uri, spec.output.storage_options)
+    where = manifest_uri(layer.spec.output.uri, run.run_id) if layer is not None else result.manifest_uri
+    fs, path = filesystem(where, spec.output.storage_options)
     data = json.dumps(manifest, indent=2).encode()
-    call_with_retries(lambda: write_bytes_atomic(fs, path, data), what=f"writing {result.manifest_uri}")
+    call_with_retries(lambda: write_bytes_atomic(fs, path, data), what=f"writing {where}")

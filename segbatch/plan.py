@@ -31,9 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from segbatch.errors import JobError
-from segbatch.outputs import Ledger, hash64, plan_uri, sorted_unique
+from segbatch.outputs import LayerLedgers, Ledger, hash64, plan_uri, read_ledger, sorted_unique
 from segbatch.retry import call_with_retries
-from segbatch.spec import InputSpec, TilingSpec
+from segbatch.models.source import WeightsBytes
+from segbatch.spec import InputSpec, JobSpec, TilingSpec
 from segbatch.storage import (
     ListedObject,
     UnsafeKeyError,
@@ -48,12 +49,15 @@ from segbatch.storage import (
 
 __all__ = [
     "PAGE_ROWS",
+    "LAYERED_PLAN_SCHEMA",
     "PLAN_SCHEMA",
     "SCENE_PLAN_SCHEMA",
     "Plan",
     "PlanCounts",
     "WorkItem",
+    "ModelLedger",
     "count_plan",
+    "read_job_ledgers",
     "item_id_for",
     "listing_errors",
     "plan_items",
@@ -79,6 +83,9 @@ PLAN_SCHEMA = pa.schema(
         ("plan_error", pa.string()),
     ]
 )
+
+#: A several-model job's rows (`layers:`): + `layers`, a bit mask of the layers still to run (bit k = layer k).
+LAYERED_PLAN_SCHEMA = PLAN_SCHEMA.append(pa.field("layers", pa.int64()))
 
 #: A scene job's rows (`tiling` set): one per tile window, with the window and the scene's size.
 #: `plan_error_class` names the error class of a scene refused while planning (unreadable, corrupt...).
@@ -116,10 +123,16 @@ class PlanCounts:
     new: int = 0
     changed: int = 0
     excluded: int = 0  # objects under the job's own output prefix: never inputs (see plan_pages)
+    #: Several-model jobs: per layer, the items it lacks (an item is planned while any layer lacks it).
+    layer_todo: list[int] = field(default_factory=list)
+
+    #: Several-model jobs: items this version of which some layers hold and others lack (a run stopped
+    #: between the layers' commits, or a layer added to the job).
+    unfinished: int = 0
 
     @property
     def todo(self) -> int:
-        return self.new + self.changed
+        return self.new + self.changed + self.unfinished
 
 
 @dataclass(slots=True)
@@ -301,7 +314,7 @@ def output_prefix(output_uri: str, output_options: dict[str, Any] | None) -> str
 
 def plan_pages(
     spec: InputSpec,
-    ledger: Ledger | None = None,
+    ledger: Ledger | LayerLedgers | None = None,
     counts: PlanCounts | None = None,
     page_rows: int = PAGE_ROWS,
     exclude_prefix: str | None = None,
@@ -310,7 +323,9 @@ def plan_pages(
 
     Args:
         spec: The job's `input` section.
-        ledger: What the output already holds (:func:`segbatch.outputs.read_ledger`); empty if None.
+        ledger: What the output already holds (:func:`segbatch.outputs.read_ledger`); empty if None. With
+            :class:`segbatch.outputs.LayerLedgers` (a several-model job) an item is planned while any
+            layer lacks it, and pages carry the `layers` column (:data:`LAYERED_PLAN_SCHEMA`).
         counts: Updated as pages are planned (listed, skipped, new, changed, excluded).
         page_rows: Objects listed per page.
         exclude_prefix: The job's output folder (:func:`output_prefix`): never an input (see
@@ -340,8 +355,13 @@ def plan_pages(
         if not todo.size:
             continue
         changed = ledger.had_uris(hash64([page[i].uri for i in todo]))
+        unfinished = np.zeros(todo.size, dtype=bool)
+        if isinstance(ledger, LayerLedgers):  # this version is in some layers already: neither new nor changed
+            unfinished = ledger.has_any(hashes[todo])
+            changed &= ~unfinished
+            counts.unfinished += int(unfinished.sum())
         counts.changed += int(changed.sum())
-        counts.new += int(todo.size - changed.sum())
+        counts.new += int(todo.size - changed.sum() - unfinished.sum())
         rel_keys, errors = [], []
         for i in todo:
             try:
@@ -350,22 +370,65 @@ def plan_pages(
             except UnsafeKeyError as e:
                 rel_keys.append("")
                 errors.append(f"{page[i].uri}: {e}")
-        yield pa.table(
-            {
-                "item_id": [ids[i] for i in todo],
-                "uri": [page[i].uri for i in todo],
-                "version": [page[i].version for i in todo],
-                "size": [page[i].size for i in todo],
-                "rel_key": rel_keys,
-                "plan_error": errors,
-            },
-            schema=PLAN_SCHEMA,
-        )
+        columns: dict[str, Any] = {
+            "item_id": [ids[i] for i in todo],
+            "uri": [page[i].uri for i in todo],
+            "version": [page[i].version for i in todo],
+            "size": [page[i].size for i in todo],
+            "rel_key": rel_keys,
+            "plan_error": errors,
+        }
+        if isinstance(ledger, LayerLedgers):
+            missing = ledger.missing(hashes[todo])
+            if not counts.layer_todo:
+                counts.layer_todo = [0] * len(ledger.ledgers)
+            for k in range(len(ledger.ledgers)):
+                counts.layer_todo[k] += int(np.count_nonzero(missing & (1 << k)))
+            columns["layers"] = missing
+            yield pa.table(columns, schema=LAYERED_PLAN_SCHEMA)
+        else:
+            yield pa.table(columns, schema=PLAN_SCHEMA)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLedger:
+    """One model of a job (a layer, or the job's one model): the single-model job it equals, its weights'
+    digest, its fingerprint and what its output already holds."""
+
+    name: str
+    job: JobSpec
+    read: WeightsBytes
+    fingerprint: str
+    ledger: Ledger
+
+
+def read_job_ledgers(
+    spec: JobSpec, *, force: bool = False, run_id: str = ""
+) -> tuple[Ledger | LayerLedgers, list[ModelLedger]]:
+    """Each model's ledger (weights digested, never built: no torch), and the one planning reads: the
+    model's, or for a several-model job the layers' together (:class:`LayerLedgers`).
+
+    Raises:
+        JobError: an output holds results of another fingerprint (see :func:`segbatch.outputs.read_ledger`).
+    """
+    from segbatch.models.source import read_weights
+
+    models: list[ModelLedger] = []
+    for name, job in spec.layer_jobs():
+        assert job.model is not None
+        read = read_weights(job.model)
+        fingerprint = job.result_fingerprint(read.sha256)
+        o = job.output
+        ledger = read_ledger(o.uri, o.storage_options, fingerprint, force=force, run_id=run_id)
+        models.append(ModelLedger(name, job, read, fingerprint, ledger))
+    if spec.layered:
+        return LayerLedgers(tuple(m.ledger for m in models)), models
+    return models[0].ledger, models
 
 
 def write_plan(
     spec: InputSpec,
-    ledger: Ledger,
+    ledger: Ledger | LayerLedgers,
     output_uri: str,
     output_options: dict[str, Any] | None,
     run_id: str,
@@ -390,6 +453,8 @@ def write_plan(
         plan.schema = SCENE_PLAN_SCHEMA
         pages = scene_plan_pages(spec, tiling, ledger, plan.counts, plan.scenes, page_rows, exclude_prefix=exclude)
     else:
+        if isinstance(ledger, LayerLedgers):
+            plan.schema = LAYERED_PLAN_SCHEMA
         pages = plan_pages(spec, ledger, plan.counts, page_rows, exclude_prefix=exclude)
     for seq, table in enumerate(pages):
         sink = pa.BufferOutputStream()
@@ -426,7 +491,7 @@ def read_plan_block(part_uri: str, storage_options: dict[str, Any] | None, start
 
 def count_plan(
     spec: InputSpec,
-    ledger: Ledger | None = None,
+    ledger: Ledger | LayerLedgers | None = None,
     page_rows: int = PAGE_ROWS,
     tiling: TilingSpec | None = None,
     exclude_prefix: str | None = None,

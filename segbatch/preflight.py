@@ -78,7 +78,9 @@ def check_storage(spec: JobSpec) -> None:
     """
     check_input(spec.input)
     check_output(spec.output)
-    check_weights(spec.model)
+    for k, (name, job) in enumerate(spec.layer_jobs()):
+        assert job.model is not None
+        check_weights(job.model, f"layers.{k}.weights" if name else "model.weights")
 
 
 def check_input(spec: InputSpec) -> None:
@@ -129,8 +131,9 @@ def check_output(spec: OutputSpec) -> None:
         )
 
 
-def check_weights(spec: ModelSpec) -> None:
-    """A checkpoint given as a path or URI exists (reading and verifying it is `resolve_weights`' job)."""
+def check_weights(spec: ModelSpec, key: str = "model.weights") -> None:
+    """A checkpoint given as a path or URI exists (reading and verifying it is `resolve_weights`' job);
+    `key` is where the job names it (`layers.1.weights` for a layer)."""
     weights = spec.weights
     if weights in ("none", "torchvision") or weights.startswith("builtin:"):
         return
@@ -138,15 +141,15 @@ def check_weights(spec: ModelSpec) -> None:
         fs, path = _fast_filesystem(weights, spec.storage_options)
         info = _retrying(lambda: fs.info(path))
         if info.get("type") == "directory":
-            raise JobError(f"model.weights: checkpoint '{weights}' is a folder, not a checkpoint file")
+            raise JobError(f"{key}: checkpoint '{weights}' is a folder, not a checkpoint file")
     except JobError:
         raise
     except FileNotFoundError as e:
         if protocol_of(weights) in _S3 and _bucket_missing(e):
-            raise JobError(describe_storage_error(e, "model.weights", weights, spec.storage_options)) from None
-        raise JobError(f"model.weights: checkpoint '{weights}' not found") from None
+            raise JobError(describe_storage_error(e, key, weights, spec.storage_options)) from None
+        raise JobError(f"{key}: checkpoint '{weights}' not found") from None
     except Exception as e:  # noqa: BLE001
-        raise JobError(describe_storage_error(e, "model.weights", weights, spec.storage_options)) from None
+        raise JobError(describe_storage_error(e, key, weights, spec.storage_options)) from None
 
 
 def describe_storage_error(

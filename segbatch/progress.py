@@ -44,8 +44,10 @@ class Progress:
         quiet: bool = False,
         log_seconds: float = 10.0,
         redraw_seconds: float = 0.2,
+        unit: str = "images",
     ) -> None:
         self.total = total
+        self.unit = unit  # "images"; a several-model job counts "results" (one per image and layer)
         self.stream = stream if stream is not None else sys.stderr
         self.quiet = quiet
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -101,11 +103,11 @@ class Progress:
         if self._first is None:
             tail = f"starting ({_clock(now - self.started)} so far)"
         elif rate > 0:
-            tail = f"{rate:.1f} images/s · ETA {_clock((self.total - self.done) / rate)}"
+            tail = f"{rate:.1f} {self.unit}/s · ETA {_clock((self.total - self.done) / rate)}"
         else:
             tail = "measuring rate"
         errors = f"{self.errors} error{'s' if self.errors != 1 else ''}"
-        return f"{self.done}/{self.total} images ({pct:.0f}%) · {tail} · {errors}"
+        return f"{self.done}/{self.total} {self.unit} ({pct:.0f}%) · {tail} · {errors}"
 
     def _show(self, now: float) -> None:
         self._last_shown = now

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RowStatus", "object_array"]
+__all__ = ["RowStatus", "concat_rows", "object_array", "take_rows"]
 
 
 def object_array(values: list[Any]) -> np.ndarray:
@@ -19,6 +19,25 @@ def object_array(values: list[Any]) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     for i, v in enumerate(values):
         out[i] = v
+    return out
+
+
+def take_rows(batch: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
+    """The rows `idx` of a batch (every column, in that order)."""
+    return {k: np.asarray(v)[idx] for k, v in batch.items()}
+
+
+def concat_rows(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batches with the same columns, one after another; object columns stay object arrays (ragged masks)."""
+    if len(batches) == 1:
+        return batches[0]
+    out: dict[str, Any] = {}
+    for key in batches[0]:
+        parts = [np.asarray(b[key]) for b in batches]
+        if any(p.dtype == object for p in parts) or len({p.shape[1:] for p in parts}) > 1:
+            out[key] = object_array([v for p in parts for v in p])
+        else:
+            out[key] = np.concatenate(parts)
     return out
 
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from segbatch.masks import encode_png_label_map
 from segbatch.outputs import ERRORS, MASKS, METADATA, METADATA_SCHEMA, SCHEMA_VERSION
 from segbatch.retry import Retries, call_with_retries
-from segbatch.rows import RowStatus
+from segbatch.rows import RowStatus, concat_rows, take_rows
 from segbatch.spec import OutputSpec
 from segbatch.storage import filesystem, unstrip, write_bytes_atomic
 
@@ -35,6 +35,7 @@ __all__ = [
     "new_run_id",
     "rows_to_table",
     "write_batch",
+    "write_layer_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,24 @@ def write_batch(batch: dict[str, np.ndarray], output: OutputSpec, task: str) -> 
     return MaskWriter(output, task)(batch)
 
 
+def write_layer_batch(batch: dict[str, np.ndarray], outputs: dict[str, OutputSpec], tasks: dict[str, str]) -> dict[str, Any]:
+    """The write stage of a several-model job: each row's mask under its layer's output (`layer` column),
+    exactly as that layer's own job would write it.
+
+    Args:
+        outputs: per layer name, its `output` section (`output.uri/<name>/`).
+        tasks: per layer name, its `model.task`.
+    """
+    names = np.asarray(batch["layer"], dtype=object)
+    parts = []
+    for name in dict.fromkeys(names.tolist()):  # the layers present, in order
+        idx = np.flatnonzero(names == name)
+        parts.append(MaskWriter(outputs[name], tasks[name])(take_rows(batch, idx)))
+    if not parts:
+        return MaskWriter(next(iter(outputs.values())), "semantic")(batch)
+    return concat_rows(parts)
+
+
 def rows_to_table(batch: dict[str, Any], constants: dict[str, str]) -> pa.Table:
     """Finished rows (a numpy batch from the write stage) → a table in :data:`METADATA_SCHEMA`."""
     n = len(batch["item_id"])
@@ -151,6 +170,11 @@ def rows_to_table(batch: dict[str, Any], constants: dict[str, str]) -> pa.Table:
         "num_instances": num_instances,
         "instances": instances,
         "committed_at": [now] * n,
+        "layer_disagreement": (
+            [None if np.isnan(v) else float(v) for v in np.asarray(batch["layer_disagreement"], dtype=np.float64)]
+            if "layer_disagreement" in batch
+            else [None] * n
+        ),
     }
     return pa.table(columns, schema=METADATA_SCHEMA)
 

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,6 +36,7 @@ __all__ = [
     "ComputeSpec",
     "InputSpec",
     "JobSpec",
+    "LayerSpec",
     "LoadSettings",
     "ModelSpec",
     "PredictSettings",
@@ -276,6 +278,30 @@ class ModelSpec(_Strict):
         return self
 
 
+#: Names a layer may not take: the folders a single-model output holds (a layer's folder sits beside them).
+RESERVED_LAYER_NAMES = frozenset(
+    {"masks", "metadata", "errors", "runs", "superseded", "exports", "report", "scenes", "polygons", "parts"}
+)
+
+
+class LayerSpec(ModelSpec):
+    """One model of a several-model job (`layers:`): every `model` key plus the layer's `name`.
+
+    Its results go under `OUTPUT/<name>/` in exactly the single-model layout.
+    """
+
+    name: str = Field(description="The layer's name: its folder under output.uri (letters, digits, `_ . -`).")
+
+    @field_validator("name")
+    @classmethod
+    def _layer_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("expected letters, digits, '_', '.' or '-' (at most 100)")
+        if v.lower() in RESERVED_LAYER_NAMES:
+            raise ValueError(f"'{v}' is a folder every output holds; choose another layer name")
+        return v
+
+
 class OutputSpec(_Strict):
     uri: UriStr = Field(description="Prefix/folder that receives masks/, metadata/, errors/ and runs/.")
     storage_options: dict[str, Any] = Field(
@@ -390,7 +416,12 @@ class RunSpec(_Strict):
 class JobSpec(_Strict):
     name: str = Field(description="Job name: letters, digits, `_ . -`; used in run ids and submission ids.")
     input: InputSpec
-    model: ModelSpec
+    model: ModelSpec | None = Field(default=None, description="The model (or `layers`: several models in one pass).")
+    layers: tuple[LayerSpec, ...] | None = Field(
+        default=None,
+        description="Instead of `model`: several models, each image fetched and decoded once and run through every "
+        "layer; layer `<name>`'s results go under `output.uri/<name>/` in the single-model layout (README, 'Layers').",
+    )
     output: OutputSpec
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
     run: RunSpec = Field(default_factory=RunSpec)
@@ -399,6 +430,25 @@ class JobSpec(_Strict):
         description="Present: each input is a raster scene (GeoTIFF/COG) cut into windows, and the results are one "
         "label COG and GeoParquet polygons per scene (README, 'Satellite scenes'). Absent: each input is an image.",
     )
+
+    @model_validator(mode="after")
+    def _one_model_or_layers(self) -> "JobSpec":
+        if self.model is None and self.layers is None:
+            raise ValueError("missing required key 'model' (or 'layers', for several models in one pass)")
+        if self.model is not None and self.layers is not None:
+            raise ValueError("expected either 'model' (one model) or 'layers' (several models), but got both")
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("layers expected at least one layer")
+            names = [layer.name for layer in self.layers]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"layer names must differ, but '{twice[0]}' is used twice")
+            if self.tiling is not None:
+                raise ValueError("layers apply to image jobs; a scene job (`tiling`) takes one `model`")
+            if self.compute.jpeg_decode == "device":
+                raise ValueError("compute.jpeg_decode: device decodes inside one model's actor; with layers use `loader`")
+        return self
 
     @model_validator(mode="after")
     def _scene_task(self) -> "JobSpec":
@@ -435,8 +485,9 @@ class JobSpec(_Strict):
         )
 
     def predict_settings(self) -> PredictSettings:
-        """The predict stage's part of the job, whole (the task and weights travel beside it)."""
-        m = self.model
+        """The predict stage's part of the job, whole (the task and weights travel beside it); of a one-model
+        job (a layered job's are those of :meth:`layer_jobs`)."""
+        m = self._one_model()
         return PredictSettings(
             batch_size=m.batch_size,
             score_threshold=m.score_threshold,
@@ -446,18 +497,62 @@ class JobSpec(_Strict):
             instance_png=self.output.instance_png,
         )
 
+    @property
+    def layered(self) -> bool:
+        """A several-model job (`layers:`)."""
+        return self.layers is not None
+
+    def layer_jobs(self) -> list[tuple[str, "JobSpec"]]:
+        """Each layer as the single-model job it equals: (name, job with that `model` and
+        `output.uri/<name>/`). A one-model job is [("", itself)].
+
+        Every per-model step (weights, fingerprint, ledger, commit, manifest) runs on these, so a layer's
+        output is exactly what a single-model job would write.
+        """
+        if self.layers is None:
+            return [("", self)]
+        base = self.output.uri.rstrip("/")
+        return [
+            (
+                layer.name,
+                self.model_copy(
+                    update={
+                        "model": ModelSpec.model_validate(layer.model_dump(exclude={"name"})),
+                        "layers": None,
+                        "output": self.output.model_copy(update={"uri": f"{base}/{layer.name}"}),
+                    }
+                ),
+            )
+            for layer in self.layers
+        ]
+
+    def _one_model(self) -> ModelSpec:
+        if self.model is None:
+            raise TypeError("a layered job has one model per layer: use layer_jobs()")
+        return self.model
+
+    @property
+    def first_model(self) -> ModelSpec:
+        """The model of a one-model job, or the first layer's (for settings every layer shares)."""
+        if self.model is not None:
+            return self.model
+        assert self.layers
+        return self.layers[0]
+
     def redacted(self) -> dict[str, Any]:
         """The spec as a dict with every storage_options value hidden: safe for manifests and logs."""
         data = self.model_dump(mode="json")
-        for section in ("input", "model", "output"):
-            opts = data[section].get("storage_options")
+        sections = [data[k] for k in ("input", "model", "output") if data.get(k)] + list(data.get("layers") or [])
+        for section in sections:
+            opts = section.get("storage_options")
             if opts:
-                data[section]["storage_options"] = {k: "***" for k in opts}
+                section["storage_options"] = {k: "***" for k in opts}
         return data
 
     def result_fingerprint(self, weights_sha256: str) -> str:
-        """Digest of everything that changes a prediction (model, weights, preprocessing)."""
-        m = self.model
+        """Digest of everything that changes a prediction (model, weights, preprocessing); of a one-model job
+        (a layer's is its :meth:`layer_jobs` job's, so a layer and the same model alone share it)."""
+        m = self._one_model()
         keys = {
             "task": m.task,
             "arch": m.arch,
@@ -511,15 +606,29 @@ def _apply_override(data: dict[str, Any], assignment: str, source: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section model a field holds: `X`, `X | None` or `tuple[X, ...]` (a list of sections) → X."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_type(arg) if arg is not Ellipsis and arg is not type(None) else None
+        if found is not None:
+            return found
+    return None
+
+
 def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The section model at a location of the job (`()` is the job itself), or None for a plain value."""
+    """The section model at a location of the job (`()` is the job itself), or None for a plain value;
+    list indexes (`layers.0`) stay on the list's section."""
     cls: type[BaseModel] = JobSpec
     for part in path:
+        if isinstance(part, int):
+            continue
         field = cls.model_fields.get(part) if isinstance(part, str) else None
-        annotation = field.annotation if field is not None else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        found = _section_type(field.annotation) if field is not None else None
+        if found is None:
             return None
-        cls = annotation
+        cls = found
     return cls
 
 
@@ -534,8 +643,7 @@ def _key_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
         elif cls is not None:
             out.append(part)
             field = cls.model_fields.get(part)
-            annotation = field.annotation if field is not None else None
-            cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            cls = _section_type(field.annotation) if field is not None else None
     return tuple(out)
 
 
@@ -583,6 +691,8 @@ def _format_error(err: ValidationError, source: str, set_keys: frozenset[str] = 
         elif e["type"] == "extra_forbidden":
             hint = f" (did you mean '{_dotted(suggestions[loc])}'?)" if loc in suggestions else ""
             problems.append(("text", f"unknown key '{key}'{via_set}{hint}"))
+        elif not loc:  # a rule across sections (model or layers, scene keys without tiling): its message says it all
+            problems.append(("text", e["msg"].removeprefix("Value error, ")))
         else:
             value = e.get("input")
             msg = e["msg"].removeprefix("Value error, ")

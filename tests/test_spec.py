@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,53 @@ def test_set_overrides_with_misspelt_keys_get_the_suggestion(tmp_path: Path, cap
     assert capsys.readouterr().err.strip() == (
         f"segbatch: error: {path}: unknown key 'model.batch_sise' in --set (did you mean 'model.batch_size'?)"
     )
+
+
+LAYERS = [
+    {"name": "regions", "task": "semantic", "weights": "builtin:shapes", "storage_options": {"key": "secret"}},
+    {"name": "objects", "task": "instance", "weights": "builtin:shapes", "score_threshold": 0.3},
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d.pop("model"), "missing required key 'model' (or 'layers', for several models in one pass)"),
+        (lambda d: d.update(layers=LAYERS), "expected either 'model' (one model) or 'layers' (several models), but got both"),
+        (lambda d: d.update(layers=[LAYERS[0], {**LAYERS[1], "name": "regions"}]) or d.pop("model"),
+         "layer names must differ, but 'regions' is used twice"),
+        (lambda d: d.update(layers=[{**LAYERS[0], "name": "metadata"}]) or d.pop("model"),
+         "key 'layers.0.name' has invalid value \"metadata\": 'metadata' is a folder every output holds"),
+        (lambda d: d.update(layers=[{**LAYERS[1], "scor_threshold": 0.2}]) or d.pop("model"),
+         "unknown key 'layers.0.scor_threshold' (did you mean 'layers.0.score_threshold'?)"),
+        (lambda d: d.update(layers=[{"task": "semantic", "weights": "builtin:shapes"}]) or d.pop("model"),
+         "missing required key 'layers.0.name'"),
+        (lambda d: d.update(layers=LAYERS, tiling={"size": 256}) or d.pop("model"),
+         "layers apply to image jobs; a scene job (`tiling`) takes one `model`"),
+        (lambda d: d.update(layers=[]) or d.pop("model"), "layers expected at least one layer"),
+    ],
+)
+def test_layer_mistakes_are_one_line(tmp_path: Path, mutate, expected: str) -> None:
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    mutate(data)
+    with pytest.raises(SpecError) as err:
+        load_job(write(tmp_path, data))
+    assert "\n" not in str(err.value) and expected in str(err.value), str(err.value)
+
+
+def test_each_layer_is_the_one_model_job_it_equals() -> None:
+    from segbatch.spec import parse_job
+
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    alone = parse_job(data)
+    data.pop("model")
+    layered = parse_job({**data, "layers": LAYERS})
+    jobs = dict(layered.layer_jobs())
+    assert list(jobs) == ["regions", "objects"]
+    assert jobs["regions"].output.uri == alone.output.uri.rstrip("/") + "/regions"
+    assert jobs["objects"].model is not None and jobs["objects"].model.score_threshold == 0.3
+    same = parse_job({**data, "model": {k: v for k, v in LAYERS[1].items() if k != "name"}})
+    assert jobs["objects"].result_fingerprint("abc") == same.result_fingerprint("abc")  # same model, same fingerprint
+    assert jobs["objects"].result_fingerprint("abc") != jobs["regions"].result_fingerprint("abc")
+    assert layered.redacted()["layers"][0]["storage_options"] == {"key": "***"}
+    assert "secret" not in json.dumps(layered.redacted())

@@ -184,3 +184,24 @@ def test_written_plan_is_read_back_in_blocks(tmp_path: Path) -> None:
     assert blocks[:4] == [(plan.parts[0], 0, 300), (plan.parts[0], 300, 600), (plan.parts[0], 600, 900), (plan.parts[0], 900, 1000)]
     read = [r["uri"] for p, a, b in blocks for t in read_plan_block(p, None, a, b) for r in t.to_pylist()]
     assert read == uris  # every row once, in order, across parts and row groups
+
+
+def test_layered_plan_holds_an_item_while_any_layer_lacks_it(tmp_path: Path) -> None:
+    """Planning a several-model job: the bit mask names exactly the layers each item still needs."""
+    from segbatch.outputs import LayerLedgers, Ledger
+    from segbatch.plan import LAYERED_PLAN_SCHEMA, PlanCounts, plan_pages
+
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(b"x")
+    spec = InputSpec(uri=str(tmp_path))
+    ids = {}
+    for page in plan_pages(spec):
+        ids |= {Path(u).name: i for u, i in zip(page["uri"].to_pylist(), page["item_id"].to_pylist())}
+    ledgers = LayerLedgers((Ledger.of([ids["a.png"], ids["b.png"]]), Ledger.of([ids["a.png"], ids["c.png"]])))
+    counts = PlanCounts()
+    pages = list(plan_pages(spec, ledgers, counts))
+    assert all(p.schema == LAYERED_PLAN_SCHEMA for p in pages)
+    planned = {Path(u).name: m for p in pages for u, m in zip(p["uri"].to_pylist(), p["layers"].to_pylist())}
+    assert planned == {"b.png": 0b10, "c.png": 0b01}  # a.png is done in both layers
+    assert (counts.listed, counts.skipped, counts.todo, counts.layer_todo) == (3, 1, 2, [1, 1])
+    assert (counts.new, counts.changed, counts.unfinished) == (0, 0, 2)  # this version is in one layer already

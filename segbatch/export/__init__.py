@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from segbatch.errors import JobError
 from segbatch.export.dest import Staging
 from segbatch.export.items import ErrorTally, Item, Selection, in_review_order, iter_items, select
+from segbatch.outputs import layer_output
 from segbatch.storage import join_uri
 
 __all__ = ["EXPORTS", "FORMATS", "REVIEW_NAME", "export_output"]
@@ -74,15 +75,6 @@ class _ReviewLog:
         self.writer.close()
 
 
-def _check_layer(selection: Selection, layer: str | None) -> None:
-    """Outputs hold one layer today, named by their task; several model layers in one pass are coming."""
-    if layer is not None and layer != selection.task:
-        raise JobError(
-            f"--layer expected one of the output's layers ['{selection.task}'], but got '{layer}' "
-            "(outputs hold one layer, named by their task)"
-        )
-
-
 def export_output(
     output_uri: str,
     fmt: str,
@@ -102,10 +94,11 @@ def export_output(
     Args:
         output_uri: the job's `output.uri`.
         fmt: `coco`, `cvat` or `labelstudio`.
-        dest: destination folder (default `OUTPUT/exports/<fmt>/`).
+        dest: destination folder (default `OUTPUT/exports/<fmt>/`; of a layer, `OUTPUT/<layer>/exports/<fmt>/`).
         min_score: leave out instances scoring below this (semantic masks have no score).
         polygons: polygons (outer contours, an approximation) instead of masks.
-        layer: the model layer to export; outputs hold one, named by their task.
+        layer: the layer to export of a several-model job's output (`OUTPUT/<layer>/`; needed when it holds
+            more than one); a one-model output's single layer may be named by its task.
         task_size: CVAT: images per task file.
         local_files_root: Label Studio: the local-files document root local images are relative to.
         storage_options / dest_storage_options: fsspec options for the output and the destination.
@@ -121,8 +114,8 @@ def export_output(
     if fmt not in FORMATS:
         raise JobError(f"--format expected one of {list(FORMATS)}, but got '{fmt}'")
     started = time.perf_counter()
+    output_uri = layer_output(output_uri, storage_options, layer)
     selection = select(output_uri, storage_options, min_score=min_score)
-    _check_layer(selection, layer)
     dest = dest or join_uri(output_uri, EXPORTS, fmt)
     errors = ErrorTally()
     with Staging(dest, dest_storage_options, tmp) as staging:

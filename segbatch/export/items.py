@@ -59,7 +59,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_SELECT_COLUMNS = ["uri", "status", "committed_at", "class_pixels", "instances"]
+_SELECT_COLUMNS = ["uri", "status", "committed_at", "class_pixels", "instances", "layer_disagreement"]
 #: Items per bucket of the external sort (at least; more when the output would need > _MAX_BUCKETS files).
 BUCKET = 4096
 _MAX_BUCKETS = 512
@@ -226,7 +226,8 @@ def select(output_uri: str, storage_options: dict[str, Any] | None = None, *, mi
         ok.append(pc.fill_null(pc.equal(part["status"], "ok"), False).to_numpy(zero_copy_only=False))
         top, objects, tiny, seen = _row_stats(part, task, min_score)
         max_label = max(max_label, seen)
-        prio.append(review_priority(top, objects, tiny))
+        gap = pc.fill_null(part["layer_disagreement"], 0.0).to_numpy(zero_copy_only=False)
+        prio.append(review_priority(top, objects, tiny, gap))
     h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
     n = int(h.size)
     if n == 0:

@@ -6,9 +6,10 @@ outputs, one object per class present):
     uncertainty  = 1 - top score                (instance; 0 for semantic masks, which carry no score;
                                                  EMPTY_UNCERTAINTY when nothing was found)
     tiny         = objects of at most TINY_AREA pixels / objects    (0 when there are none)
-    disagreement = 0 for now; once an output holds several model layers (a semantic and an instance
-                   layer of the same images), 1 - IoU of their foregrounds. Until then it is reported
-                   as 0 and takes no part in the order.
+    disagreement = a several-model job's `layer_disagreement`: 1 - IoU of the image's semantic foreground
+                   (label != 0) and the union of its instance masks, computed in the predict actor,
+                   where both layers' results meet (`models.predictor.LayerPredictor`); both layers'
+                   rows carry it. 0 for one-model outputs, and where only one layer ran (a rerun).
 
     review_priority = 0.5 · uncertainty + 0.3 · tiny + 0.2 · disagreement       (in [0, 1])
 
@@ -46,7 +47,7 @@ def review_priority(
         top_score: the highest kept score per image; NaN where there is none (semantic, or no object).
         objects: kept objects per image.
         tiny: kept objects of at most :data:`TINY_AREA` pixels per image.
-        disagreement: per image, in [0, 1]; None (all 0) while outputs have one layer.
+        disagreement: per image, in [0, 1]; None (all 0) for a one-model output.
     """
     objects = np.asarray(objects, dtype=np.float64)
     top = np.asarray(top_score, dtype=np.float64)

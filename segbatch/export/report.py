@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 from segbatch.export.dest import Staging
 from segbatch.export.geometry import class_color, hex_color
 from segbatch.export.items import ErrorTally, Item, Selection, iter_items, select
+from segbatch.outputs import layer_output
 from segbatch.storage import filesystem, join_uri
 
 __all__ = ["ALPHA", "MAX_SIDE", "REPORT", "draw_overlay", "write_report_html"]
@@ -159,12 +160,15 @@ def write_report_html(
     gallery: int = 200,
     storage_options: dict[str, Any] | None = None,
     dest_storage_options: dict[str, Any] | None = None,
+    layer: str | None = None,
 ) -> dict[str, Any]:
-    """Write the report (see the module docstring); returns `index` (its URI) and counts.
+    """Write the report (see the module docstring); returns `index` (its URI) and counts. Of a several-model
+    job's output, a layer's (`layer`, as `segbatch export --layer`), under `OUTPUT/<layer>/report/`.
 
     Raises:
-        JobError: nothing committed under `output_uri`.
+        JobError: nothing committed under `output_uri`, or no such layer.
     """
+    output_uri = layer_output(output_uri, storage_options, layer)
     selection = select(output_uri, storage_options, min_score=min_score)
     dest = dest or join_uri(output_uri, REPORT)
     errors = ErrorTally()

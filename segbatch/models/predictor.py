@@ -25,10 +25,10 @@ from segbatch.errors import first_line
 from segbatch.layout import ActorLayout, StreamGate
 from segbatch.models.weights import IMAGENET_MEAN, IMAGENET_STD, ResolvedWeights, apply_weights, load_state_dict_bytes
 from segbatch.models.zoo import build_model, configure_detector, seeded_init
-from segbatch.rows import RowStatus, object_array
+from segbatch.rows import RowStatus, concat_rows, object_array, take_rows
 from segbatch.spec import PredictSettings
 
-__all__ = ["EMPTY_LABELS", "Predictor", "decode_jpegs", "instances_from_output", "orient_chw"]
+__all__ = ["EMPTY_LABELS", "LayerPredictor", "Predictor", "decode_jpegs", "instances_from_output", "orient_chw"]
 
 logger = logging.getLogger(__name__)
 EMPTY_LABELS = np.zeros((0, 0), dtype=np.uint8)
@@ -362,3 +362,95 @@ class Predictor:
                 [results[i][1] if i in results else np.zeros((0, 0), np.uint16) for i in range(n)]
             )
         return out
+
+
+class LayerPredictor:
+    """Ray Data actor of a several-model job (`layers:`): every layer's model in one actor.
+
+    An image is fetched and decoded once (by a loader) and goes through each layer its plan row's
+    `layers` bit mask names (the layers that lack it); each layer's rows are exactly what that layer's
+    own :class:`Predictor` returns for them. Out come one row per (image, layer), tagged `layer`, with
+    both tasks' columns (`class_pixels` empty on instance rows, `instances` "" on semantic rows).
+
+    One actor rather than a pool per layer: the decoded image crosses to one process once, the layers'
+    models share the actor's device and streams, and one `compute` section sizes the job.
+
+    Args:
+        layers: (name, task, weights or an ObjectRef to them, predict settings) per layer, in bit order.
+        layout: as :class:`Predictor`'s; the layers run one after another within each stream.
+    """
+
+    def __init__(self, layers: list[tuple[str, str, Any, PredictSettings]], layout: ActorLayout | None = None) -> None:
+        self.layout = layout = layout or ActorLayout()
+        self.names = [name for name, _, _, _ in layers]
+        self.predictors = [Predictor(task, weights, settings, layout) for _, task, weights, settings in layers]
+        self.gate = StreamGate(layout.stream_threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        with self.gate.slot() as threads:
+            torch.set_num_threads(threads)
+            return self._predict_layers(batch)
+
+    def _predict_layers(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        wanted = np.asarray(batch["layers"], dtype=np.int64)
+        inputs = {k: v for k, v in batch.items() if k != "layers"}
+        outs, tasks = [], []
+        for k, (name, predictor) in enumerate(zip(self.names, self.predictors)):
+            idx = np.flatnonzero(wanted & (1 << k))
+            if not idx.size:
+                continue
+            out = predictor._predict_batch(take_rows(inputs, idx))
+            n = len(idx)
+            out.setdefault("class_pixels", object_array([np.zeros(0, np.int64)] * n))
+            out.setdefault("instances", np.full(n, "", dtype=object))
+            out["layer"] = np.full(n, name, dtype=object)
+            out["item"] = idx
+            outs.append(out)
+            tasks.append(predictor.task)
+        if not outs:  # no row wants a layer (cannot come from a plan); keep the columns, no rows
+            empty = take_rows({k: v for k, v in inputs.items() if k != "image"}, np.zeros(0, dtype=np.int64))
+            return {**empty, "label_map": object_array([]), "class_pixels": object_array([]),
+                    "instances": np.zeros(0, dtype=object), "layer": np.zeros(0, dtype=object),
+                    "layer_disagreement": np.zeros(0, dtype=np.float32)}
+        _add_disagreement(outs, tasks)
+        return concat_rows(outs)
+
+
+def _foreground_iou_gap(labels: np.ndarray, instances_json: str) -> float:
+    """1 - IoU of a semantic label map's foreground (label != 0) and the union of an image's instance masks."""
+    semantic = labels != 0
+    instances = json.loads(instances_json) if instances_json else []
+    if instances:
+        h, w = labels.shape
+        rles = [{"size": [h, w], "counts": i["rle"].encode()} for i in instances]
+        objects = mask_util.decode(mask_util.merge(rles, intersect=False)).astype(bool)
+    else:
+        objects = np.zeros_like(semantic)
+    union = int(np.count_nonzero(semantic | objects))
+    return 0.0 if union == 0 else 1.0 - int(np.count_nonzero(semantic & objects)) / union
+
+
+def _add_disagreement(outs: list[dict[str, Any]], tasks: list[str]) -> None:
+    """`layer_disagreement` on every row: where one image has an ok semantic and an ok instance row in this
+    call, 1 - IoU of their foregrounds (the review-order term of `segbatch.export.priority`), on both rows;
+    NaN elsewhere (a rerun that runs one layer only, an error row, same-task layers). Drops `item`.
+
+    `outs[k]` is a layer's output, `tasks[k]` its task; the first layer of each task counts.
+    """
+    semantic: dict[int, np.ndarray] = {}
+    instance: dict[int, str] = {}
+    for out, task in zip(outs, tasks):
+        for j, item in enumerate(out["item"]):
+            if out["status"][j] == "ok":
+                if task == "semantic":
+                    semantic.setdefault(int(item), out["label_map"][j])
+                else:
+                    instance.setdefault(int(item), str(out["instances"][j]))
+    gaps = {
+        item: _foreground_iou_gap(labels, instance[item])
+        for item, labels in semantic.items()
+        if item in instance and labels.size
+    }
+    for out in outs:
+        out["layer_disagreement"] = np.asarray([gaps.get(int(i), np.nan) for i in out["item"]], dtype=np.float32)
+        del out["item"]
