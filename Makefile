@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The scene demo first, so the last screen is the pre-labelling one: where the exports and previews are.
 demo: install
-	$(BIN)/segbatch demo
 	$(BIN)/segbatch demo --scene
+	$(BIN)/segbatch demo
 
 $(CHROMIUM):
 	@if command -v chromium-headless-shell >/dev/null 2>&1; then exit 0; fi; \

@@ -1,14 +1,16 @@
-"""`segbatch demo`: fresh scenes with ground truth, two jobs on them, both scored, one summary.
+"""`segbatch demo`: fresh scenes with ground truth, one two-layer job on them, scored, exported, previewed.
 
 What it does, on a local Ray:
 
 1. writes `count` synthetic scenes (:mod:`segbatch.synth`, seeds from :data:`DEMO_SEED`, outside the
    training seeds) to `demo-data/images/` with their truth in `demo-data/truth/`, plus one corrupt
    JPEG so the run shows a bad input becoming an error row instead of a dead job;
-2. runs `jobs/demo.yaml` (semantic, `builtin:shapes`) and `jobs/demo-instance.yaml` (instance,
-   `builtin:shapes`) over them, into `demo-output/semantic/` and `demo-output/instance/`;
-3. scores both with `segbatch eval` (mIoU; COCO mask/box AP) and writes `eval.json` next to each;
-4. prints one screen: what was found, how well, how fast, where the masks are.
+2. runs `jobs/prelabel.yaml` over them: one pass, two layers (`builtin:shapes` semantic and instance),
+   into `demo-output/semantic/` and `demo-output/instance/`;
+3. scores each layer with `segbatch eval` (mIoU; COCO mask/box AP), writing `eval.json` next to it;
+4. exports each layer for COCO, CVAT and Label Studio (`segbatch export`) and writes its preview page
+   (`segbatch report`);
+5. prints one screen: what was found, how well, how fast, where the masks, exports and reports are.
 
 The demo is deterministic: the same seeds give the same scenes and (on the same machine) the same
 masks. `--seed` picks other fresh scenes.
@@ -18,63 +20,82 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from segbatch.errors import JobError
 from segbatch.synth import CLASSES, TRAIN_SEEDS, write_dataset
 
-__all__ = ["DEMO_JOBS", "DEMO_SEED", "SCENE_JOB", "run_demo", "run_scene_demo"]
+__all__ = ["DEMO_JOB", "DEMO_SEED", "EXPORT_FORMATS", "SCENE_JOB", "run_demo", "run_scene_demo"]
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
-#: The demo's jobs, by task: each reads `demo-data/images/` and writes `demo-output/<task>/`.
-DEMO_JOBS = {"semantic": JOBS / "demo.yaml", "instance": JOBS / "demo-instance.yaml"}
+#: The demo's job: two layers (semantic, instance) over `demo-data/images/`, into `demo-output/<layer>/`.
+DEMO_JOB = JOBS / "prelabel.yaml"
 #: The scene demo's job (`segbatch demo --scene`): a georeferenced scene cut into windows.
 SCENE_JOB = JOBS / "satellite.yaml"
 #: First demo scene seed: the first seed after the training range, so no demo scene was trained on.
 DEMO_SEED = TRAIN_SEEDS.stop
+#: What the demo exports each layer as.
+EXPORT_FORMATS = ("coco", "cvat", "labelstudio")
 
 
 @dataclass
 class _Outcome:
+    """One layer of the demo job: its counts, scores, what it found, and where its files went."""
+
     task: str
-    result: Any  # segbatch.result.RunResult
+    output: str
+    layer: dict[str, Any]  # RunResult.layers[name]: ok, errors, output_uri
     report: dict[str, Any]
     report_uri: str
     found: Counter[str]
+    weights_sha256: str
+    exports: dict[str, str] = field(default_factory=dict)  # format -> destination (or why not)
+    preview: str = ""
 
 
-def _found(output_uri: str, task: str) -> Counter[str]:
-    """What the job found, by class name: pixels share per class (semantic) or objects (instance)."""
+def _found(output_uri: str, task: str) -> tuple[Counter[str], str]:
+    """What the layer found, by class name: pixels per class (semantic) or objects (instance); and its
+    weights' sha256."""
     from segbatch.outputs import read_rows
 
     counts: Counter[str] = Counter()
-    for row in read_rows(output_uri, None, ["status", "class_pixels", "instances"]).to_pylist():
+    sha = ""
+    for row in read_rows(output_uri, None, ["status", "class_pixels", "instances", "weights_sha256"]).to_pylist():
         if row["status"] != "ok":
             continue
+        sha = row["weights_sha256"] or sha
         if task == "instance":
             counts.update(CLASSES[int(i["label"])] for i in row["instances"] or [])
         else:
             for label, pixels in enumerate(row["class_pixels"] or []):
                 counts[CLASSES[label] if label < len(CLASSES) else str(label)] += int(pixels)
-    return counts
+    return counts, sha
 
 
-def _run_one(task: str, job: Path, images: Path, truth: Path, out: Path) -> _Outcome:
+def _score_layer(name: str, task: str, output: str, layer: dict[str, Any], truth: Path) -> _Outcome:
     from segbatch.evaluate import evaluate_output, format_report, write_report
-    from segbatch.pipeline import run_job
-    from segbatch.result import format_summary
-    from segbatch.spec import load_job
 
-    spec = load_job(job, [f"input.uri={images}", f"output.uri={out}"])
-    print(f"\n== {task}: {job.name} ({spec.model.weights}) ==", flush=True)
-    result = run_job(spec)
-    print(format_summary(result), flush=True)
-    report = evaluate_output(str(out), str(truth if task == "semantic" else truth / "instances.json"))
-    report_uri = write_report(report, str(out))
+    print(f"\n== layer {name}: eval ==", flush=True)
+    report = evaluate_output(output, str(truth if task == "semantic" else truth / "instances.json"))
+    report_uri = write_report(report, output)
     print(format_report(report), flush=True)
-    return _Outcome(task, result, report, report_uri, _found(str(out), task))
+    found, sha = _found(output, task)
+    return _Outcome(task, output, layer, report, report_uri, found, sha)
+
+
+def _export_layer(o: _Outcome) -> None:
+    """The layer's exports for the three tools and its preview page (`segbatch export` / `report`)."""
+    from segbatch.export import export_output
+    from segbatch.export.report import write_report_html
+
+    for fmt in EXPORT_FORMATS:
+        try:
+            o.exports[fmt] = export_output(o.output, fmt)["dest"]
+        except ImportError as e:  # labelstudio's brush RLE comes with the `export` extra
+            o.exports[fmt] = f"skipped: {e}"
+    o.preview = write_report_html(o.output)["index"]
 
 
 def _quality_line(o: _Outcome) -> str:
@@ -98,33 +119,49 @@ def _found_line(o: _Outcome) -> str:
     return ", ".join(f"{n} {o.found[n] / total:.1%}" for n in CLASSES) + " of pixels"
 
 
-def format_demo_summary(count: int, seed: int, outcomes: list[_Outcome]) -> str:
-    """The closing screen: per job what it found, its scores, its speed and where its outputs are."""
+def format_demo_summary(count: int, seed: int, result: Any, outcomes: list[_Outcome]) -> str:
+    """The closing screen: per layer what it found, its scores and where its outputs, exports and preview
+    are; the job's speed once (both layers ran in one pass)."""
+    images = result.new + result.changed + result.unfinished
+    rate = images / result.stream_seconds if result.stream_seconds > 0 else 0.0
     lines = [
         "",
         "=" * 100,
         f"segbatch demo: {count} fresh scenes (seeds {seed}..{seed + count - 1}, none used in training) "
         "+ 1 corrupt file",
+        f"one pass   {images} images through {len(outcomes)} layers · {rate:.1f} images/s "
+        f"({result.wall_seconds:.0f} s including Ray and model start-up)",
     ]
     for o in outcomes:
-        r = o.result
-        errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "none"
-        out = r.output_uri.rstrip("/")
+        errors = ", ".join(f"{k} {v}" for k, v in o.layer["errors"].items()) or "none"
+        out = o.output.rstrip("/")
         lines += [
-            f"{o.task:<9} model {o.report.get('model')} (weights sha256 {r.weights_sha256[:12]})",
-            f"{'':<9} images  ok {r.ok} · errors {errors} · {r.images_per_second:.1f} images/s "
-            f"({r.wall_seconds:.0f} s including Ray and model start-up)",
+            f"{o.task:<9} model {o.report.get('model')} (weights sha256 {o.weights_sha256[:12]})",
+            f"{'':<9} images  ok {o.layer['ok']} · errors {errors}",
             f"{'':<9} found   {_found_line(o)}",
             f"{'':<9} quality {_quality_line(o)}",
-            f"{'':<9} masks   {out}/masks/ · metadata {out}/metadata/ · report {o.report_uri}",
+            f"{'':<9} masks   {out}/masks/ · metadata {out}/metadata/ · eval {o.report_uri}",
+            *(f"{'':<9} {fmt:<7} {dest}" for fmt, dest in o.exports.items()),
+            f"{'':<9} preview {o.preview}  (open it in a browser: overlays, worst first)",
         ]
-    lines.append("=" * 100)
+    lines += [
+        "import     CVAT: create a task with demo-data/images, then Actions → Upload annotations → 'CVAT 1.1' → "
+        "a task-*.zip from cvat/",
+        "           Label Studio: a project with labelstudio/labeling_config.xml, then Import → labelstudio/tasks.json "
+        "(README, 'Pre-labelling for CVAT and Label Studio')",
+        "=" * 100,
+    ]
     return "\n".join(lines)
 
 
-def run_demo(workdir: Path, count: int = 48, seed: int = DEMO_SEED, jobs: dict[str, Path] | None = None) -> int:
-    """Generate the scenes, run and score both demo jobs; returns the exit code (1: a job failed its budget)."""
+def run_demo(workdir: Path, count: int = 48, seed: int = DEMO_SEED, job: Path = DEMO_JOB) -> int:
+    """Generate the scenes, run the two-layer job, score, export and preview each layer; returns the exit
+    code (1: the job failed its error budget)."""
     import ray
+
+    from segbatch.pipeline import run_job
+    from segbatch.result import format_summary
+    from segbatch.spec import load_job
 
     if seed in TRAIN_SEEDS or seed + count - 1 in TRAIN_SEEDS:
         raise JobError(f"segbatch demo: seeds {seed}..{seed + count - 1} overlap the training seeds {TRAIN_SEEDS}")
@@ -136,18 +173,26 @@ def run_demo(workdir: Path, count: int = 48, seed: int = DEMO_SEED, jobs: dict[s
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
     (images / "README.txt").write_text("not an image: ignored by the listing\n")
     print(f"segbatch demo: {count} scenes + 1 corrupt file in {images}, truth in {truth}", flush=True)
-    outcomes: list[_Outcome] = []
+    spec = load_job(job, [f"input.uri={images}", f"output.uri={out}"])
+    layers = ", ".join(f"{name} ({j.first_model.task}, {j.first_model.weights})" for name, j in spec.layer_jobs())
+    print(f"\n== {job.name}: layers {layers} ==", flush=True)
     started = not ray.is_initialized()
-    if started:  # one local Ray for both jobs (run_job leaves a Ray it did not start running)
+    if started:  # a local Ray the demo owns (run_job leaves a Ray it did not start running)
         ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     try:
-        for task, job in (jobs or DEMO_JOBS).items():
-            outcomes.append(_run_one(task, job, images, truth, out / task))
+        result = run_job(spec)
     finally:
         if started:
             ray.shutdown()
-    print(format_demo_summary(count, seed, outcomes), flush=True)
-    return 1 if any(o.result.failed_budget for o in outcomes) else 0
+    print(format_summary(result), flush=True)
+    outcomes = []
+    for name, layer_job in spec.layer_jobs():
+        output = layer_job.output.uri
+        outcome = _score_layer(name, layer_job.first_model.task, output, result.layers[name], truth)
+        _export_layer(outcome)
+        outcomes.append(outcome)
+    print(format_demo_summary(count, seed, result, outcomes), flush=True)
+    return 1 if result.failed_budget else 0
 
 
 def format_scene_summary(result: Any, report: dict[str, Any], scene_row: dict[str, Any]) -> str:

@@ -35,7 +35,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
     return work, code, buf.getvalue()
 
 
-def test_demo_runs_both_jobs_and_reports(demo: tuple[Path, int, str]) -> None:
+def test_demo_runs_both_layers_in_one_pass_and_reports(demo: tuple[Path, int, str]) -> None:
     work, code, printed = demo
     assert code == 0
     out = work / "demo-output"
@@ -50,11 +50,25 @@ def test_demo_runs_both_jobs_and_reports(demo: tuple[Path, int, str]) -> None:
     label_map = np.asarray(Image.open(masks[0]))
     assert label_map.ndim == 2 and set(np.unique(label_map)) <= {0, 1, 2, 3}
     assert len(sorted((out / "instance" / "masks").rglob("*.png"))) == SCENES  # instance-id PNGs
-    # The closing screen: both jobs, their scores, speed and where the masks are.
+    # One pass: one job manifest over both layers, each layer's own manifest beside its results.
+    (top,) = (out / "runs").glob("*.json")
+    assert set(json.loads(top.read_text())["layers"]) == {"semantic", "instance"}
+    # The closing screen: both layers, their scores, speed and where masks, exports and previews are.
     summary = printed[printed.rindex("segbatch demo:"):]
     assert f"{SCENES} fresh scenes (seeds {SEED}..{SEED + SCENES - 1}, none used in training)" in summary
     assert "mIoU" in summary and "mask AP" in summary and "images/s" in summary
     assert f"{out / 'semantic'}/masks/" in summary and f"{out / 'instance'}/masks/" in summary
+    for task in ("semantic", "instance"):
+        layer = out / task
+        coco = json.loads((layer / "exports" / "coco" / "instances.json").read_text())
+        assert len(coco["images"]) == SCENES and coco["annotations"]
+        assert list((layer / "exports" / "cvat").glob("task-*.zip"))
+        assert (layer / "exports" / "labelstudio" / "labeling_config.xml").exists()
+        assert (layer / "report" / "index.html").exists()
+        for fmt in ("coco", "cvat", "labelstudio"):
+            assert f"{layer}/exports/{fmt}" in summary
+        assert f"{layer}/report/index.html" in summary
+    assert "Upload annotations" in summary and "labeling_config.xml" in summary
 
 
 def test_shipped_models_segment_fresh_scenes(demo: tuple[Path, int, str]) -> None:
