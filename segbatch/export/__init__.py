@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from segbatch.errors import JobError
 from segbatch.export.dest import Staging
-from segbatch.export.items import ErrorTally, Item, Selection, in_review_order, iter_items, select
+from segbatch.export.items import ErrorTally, Item, in_review_order, iter_items, select
 from segbatch.outputs import layer_output
 from segbatch.storage import join_uri
 
