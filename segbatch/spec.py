@@ -152,9 +152,10 @@ class InputSpec(_Strict):
     )
     assets: tuple[str, ...] | None = Field(
         default=None,
-        description="Scenes from a STAC Item / ItemCollection JSON (`input.uri` ending in .json): the asset key to "
-        "read from each item (one multi-band asset). Default: the item's first GeoTIFF asset with role `data`, "
-        "else its first GeoTIFF asset.",
+        description="Scenes from a STAC Item / ItemCollection JSON (`input.uri` ending in .json): the asset to read "
+        "from each item (one multi-band asset), or one asset per band (`[red, green, blue]`: single-band files on one "
+        "pixel grid, stacked in this order; `input.bands` indexes the stack). Default: the item's first GeoTIFF "
+        "asset with role `data`, else its first GeoTIFF asset.",
     )
     nodata: float | None = Field(
         default=None,
@@ -379,6 +380,7 @@ class SceneSettings(_Strict):
     bands: tuple[int, ...] | None = _same_as(InputSpec, "bands")
     scale: ScaleSpec | None = _same_as(InputSpec, "scale")
     nodata: float | None = _same_as(InputSpec, "nodata")
+    assets: tuple[str, ...] | None = _same_as(InputSpec, "assets")
     size: int = _same_as(TilingSpec, "size")
     overlap: int = _same_as(TilingSpec, "overlap")
 
@@ -455,8 +457,8 @@ class JobSpec(_Strict):
         i = self.input
         if self.tiling is None and (i.bands or i.scale or i.nodata is not None or i.assets):
             raise ValueError("input.bands, input.scale, input.nodata and input.assets apply to scenes: add a `tiling` section")
-        if i.assets is not None and len(i.assets) != 1:
-            raise ValueError(f"input.assets expected one asset key (a multi-band asset), but got {len(i.assets)}")
+        if i.assets is not None and not i.assets:
+            raise ValueError("input.assets expected at least one asset key")
         return self
 
     @field_validator("name")
@@ -481,7 +483,8 @@ class JobSpec(_Strict):
         """The scene load and write stages' part of the job, whole (needs `tiling`)."""
         i, t = self.input, self.tiling or TilingSpec()
         return SceneSettings(
-            storage_options=i.storage_options, bands=i.bands, scale=i.scale, nodata=i.nodata, size=t.size, overlap=t.overlap
+            storage_options=i.storage_options, bands=i.bands, scale=i.scale, nodata=i.nodata, assets=i.assets,
+            size=t.size, overlap=t.overlap,
         )
 
     def predict_settings(self) -> PredictSettings:

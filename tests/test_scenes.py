@@ -345,3 +345,56 @@ def test_a_stac_item_collection_as_input(rgb_run: tuple, tmp_path: Path) -> None
         root / "out" / "masks" / "area" / "scene.tif.tif"
     ) as b:
         assert (a.read(1) == b.read(1)).all()
+
+
+def _split_bands(source: Path, folder: Path, names: tuple[str, ...], decimate: str | None = None) -> dict[str, dict]:
+    """Each band of `source` as its own single-band COG-like tiled GeoTIFF (`decimate`: that one at half size)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    assets = {}
+    with rasterio.open(source) as src:
+        profile = {**src.profile, "count": 1}
+        for index, name in enumerate(names, start=1):
+            data, meta = src.read(index), dict(profile)
+            if name == decimate:
+                data = data[::2, ::2]
+                meta.update(width=data.shape[1], height=data.shape[0], transform=src.transform * src.transform.scale(2, 2))
+            with rasterio.open(folder / f"{name}.tif", "w", **meta) as dst:
+                dst.write(data, 1)
+            assets[name] = {"href": f"bands/{name}.tif", "type": "image/tiff; application=geotiff", "roles": ["data"],
+                            "eo:bands": [{"name": name, "common_name": name}]}
+    return assets
+
+
+def test_a_stac_item_with_one_file_per_band_is_stacked(rgb_run: tuple, tmp_path: Path) -> None:
+    """`assets: [red, green, blue]`: three single-band files read window by window give the RGB file's labels."""
+    root, scene, _ = rgb_run
+    assets = _split_bands(scene.path, tmp_path / "bands", ("red", "green", "blue"))
+    items = [{"type": "Feature", "stac_version": "1.1.0", "id": "tile-1", "geometry": None, "properties": {}, "assets": assets}]
+    (tmp_path / "items.json").write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+    with rasterio.open(root / "out" / "masks" / "area" / "scene.tif.tif") as ds:
+        expected = ds.read(1)
+    assert len(set(np.unique(expected)) - {255}) >= 3  # the RGB run found every class: a fair comparison
+
+    result = run_job(parse_job(scene_job(tmp_path / "items.json", tmp_path / "out", assets=["red", "green", "blue"])))
+    assert result.ok == 9 and not result.errors
+    (row,) = read_scene_rows(str(tmp_path / "out"), {}).to_pylist()
+    assert row["uri"] == f"{tmp_path / 'items.json'}#tile-1" and row["status"] == "ok"
+    with rasterio.open(tmp_path / "out" / "masks" / "tile-1.tif") as ds:
+        assert (ds.read(1) == expected).all()
+    # Assets in another order, bands picked back by index: the same scene, the same labels.
+    swapped = scene_job(tmp_path / "items.json", tmp_path / "out-bgr", assets=["blue", "green", "red"], bands=[3, 2, 1])
+    assert run_job(parse_job(swapped)).ok == 9
+    with rasterio.open(tmp_path / "out-bgr" / "masks" / "tile-1.tif") as ds:
+        assert (ds.read(1) == expected).all()
+
+
+def test_stacked_assets_on_different_grids_are_an_error_row_naming_the_asset(rgb_run: tuple, tmp_path: Path) -> None:
+    _, scene, _ = rgb_run
+    assets = _split_bands(scene.path, tmp_path / "bands", ("red", "green", "blue"), decimate="blue")
+    items = [{"type": "Feature", "stac_version": "1.1.0", "id": "tile-2", "geometry": None, "properties": {}, "assets": assets}]
+    (tmp_path / "items.json").write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+    result = run_job(parse_job(scene_job(tmp_path / "items.json", tmp_path / "out", assets=["red", "green", "blue"])))
+    assert result.ok == 0
+    (row,) = read_rows(str(tmp_path / "out"), {}).to_pylist()
+    assert row["error_class"] == "unsupported"
+    assert "asset 'blue'" in row["error"] and "resample" in row["error"] and "\n" not in row["error"]

@@ -84,13 +84,13 @@ def scene_plan_pages(
 
     def header(uri: str) -> SceneHeader | ItemError:
         try:
-            head = read_header(uri, spec.storage_options, spec.bands)
+            head = read_header(uri, spec.storage_options, spec.bands, spec.assets)
             if percentile:  # the scene's own scale, once, here: every window of it then scales alike
                 from segbatch.geo.read import open_scene, percentile_scale
                 from segbatch.spec import SceneSettings
 
                 settings = SceneSettings(storage_options=spec.storage_options, bands=spec.bands, scale=spec.scale, nodata=spec.nodata)
-                with open_scene(uri, spec.storage_options) as ds:
+                with open_scene(uri, spec.storage_options, spec.assets) as ds:
                     found = percentile_scale(ds, settings)
                 stats[uri] = (list(found.min), list(found.max))  # type: ignore[arg-type]
             return head

@@ -30,7 +30,7 @@ import logging
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,12 +79,29 @@ class SceneHeader:
 
 
 @contextmanager
-def open_scene(uri: str, storage_options: dict[str, Any] | None) -> Iterator[Any]:
-    """A rasterio dataset for `uri`, read by ranges (see the module docstring).
+def open_scene(uri: str, storage_options: dict[str, Any] | None, assets: tuple[str, ...] | None = None) -> Iterator[Any]:
+    """A rasterio dataset for `uri`, read by ranges (see the module docstring); for a scene stacked from
+    several STAC assets (`<json>#<item id>`, `assets` their keys), a :class:`~segbatch.geo.stack.BandStack`.
 
     Raises:
         ItemError: `unreadable`, `not_an_image` or `truncated`, naming the URI.
     """
+    from segbatch.geo.stac import asset_hrefs, is_stacked
+
+    if is_stacked(uri):
+        from segbatch.geo.stack import BandStack
+
+        keys_hrefs = asset_hrefs(uri, storage_options, assets or ())
+        with ExitStack() as opened:
+            datasets = [opened.enter_context(_open_file(href, storage_options)) for _, href in keys_hrefs]
+            yield BandStack(uri, [k for k, _ in keys_hrefs], datasets)
+        return
+    with _open_file(uri, storage_options) as ds:
+        yield ds
+
+
+@contextmanager
+def _open_file(uri: str, storage_options: dict[str, Any] | None) -> Iterator[Any]:
     with rasterio.Env(**_GDAL_ENV), warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         try:
@@ -153,9 +170,11 @@ def check_header(uri: str, header: SceneHeader, bands: tuple[int, ...] | None) -
         raise ItemError("unsupported", f"{uri}: input.bands {list(wanted)} expected a scene with at least {max(wanted)} bands, but it has {header.count}")
 
 
-def read_header(uri: str, storage_options: dict[str, Any] | None, bands: tuple[int, ...] | None = None) -> SceneHeader:
+def read_header(
+    uri: str, storage_options: dict[str, Any] | None, bands: tuple[int, ...] | None = None, assets: tuple[str, ...] | None = None
+) -> SceneHeader:
     """Open a scene, read its header only and check it can be read as asked (:func:`check_header`)."""
-    with open_scene(uri, storage_options) as ds:
+    with open_scene(uri, storage_options, assets) as ds:
         header = header_of(ds)
     check_header(uri, header, bands)
     return header
@@ -296,7 +315,7 @@ class WindowLoader:
                 by_scene[str(batch["uri"][i])].append(i)
         for uri, idxs in by_scene.items():
             try:
-                with open_scene(uri, self.settings.storage_options) as ds:
+                with open_scene(uri, self.settings.storage_options, self.settings.assets) as ds:
                     for i in idxs:
                         w = Window(int(batch["col_off"][i]), int(batch["row_off"][i]), int(batch["win_width"][i]), int(batch["win_height"][i]))
                         scale = None
