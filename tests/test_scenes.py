@@ -21,7 +21,7 @@ gpd = pytest.importorskip("geopandas")
 from segbatch.geo.polygons import polygonize  # noqa: E402
 from segbatch.geo.read import open_scene, to_uint8  # noqa: E402
 from segbatch.geo.scenes import read_scene_rows  # noqa: E402
-from segbatch.geo.windows import core_of, grid, starts  # noqa: E402
+from segbatch.geo.windows import Window, core_of, grid, starts  # noqa: E402
 from segbatch.outputs import read_rows  # noqa: E402
 from segbatch.pipeline import run_job  # noqa: E402
 from segbatch.spec import ScaleSpec, parse_job  # noqa: E402
@@ -30,7 +30,9 @@ from tests.probe_models import color_probe  # noqa: E402
 
 CLASSES = ["background", "circle", "rectangle", "triangle"]
 SIZE, OVERLAP = 256, 32
-SCENE = {"width": 600, "height": 500, "spacing": 100, "shape_size": (40.0, 56.0), "seed": 10_000_123}
+# 512² internal tiles: 256/32 windows cannot align to them (an aligned window would be 544 px), so these
+# tests run the plain grid (9 windows, inner core edges at 240 and 464); block-aligned windows have their own test
+SCENE = {"width": 600, "height": 500, "spacing": 100, "shape_size": (40.0, 56.0), "seed": 10_000_123, "block": 512}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,9 +77,15 @@ def rgb_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GeoScene, o
 # --- tiling maths (no Ray) ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n,size,overlap", [(600, 256, 32), (500, 256, 32), (256, 256, 32), (257, 256, 32), (100, 256, 0), (1000, 128, 31)])
-def test_cores_tile_the_axis_exactly(n: int, size: int, overlap: int) -> None:
-    wins = grid(n, n, size, overlap)
+@pytest.mark.parametrize(
+    "n,size,overlap,block",
+    [(600, 256, 32, None), (500, 256, 32, None), (256, 256, 32, None), (257, 256, 32, None), (100, 256, 0, None),
+     (1000, 128, 31, None), (1300, 512, 64, 512), (1100, 512, 64, 256), (1000, 256, 32, 256), (700, 300, 45, 128)],
+)
+def test_cores_tile_the_axis_exactly(n: int, size: int, overlap: int, block: int | None) -> None:
+    wins = grid(n, n, size, overlap, (block, block) if block else None)
+    if block:
+        assert all(w.col_off % block == 0 and w.row_off % block == 0 for w in wins)
     owner = np.zeros((n, n), dtype=np.int32)
     for w in wins:
         c = core_of(w, n, n, overlap)
@@ -86,6 +94,12 @@ def test_cores_tile_the_axis_exactly(n: int, size: int, overlap: int) -> None:
     assert (owner == 1).all()
     firsts = starts(n, size, overlap)
     assert firsts[0] == 0 and firsts[-1] + size >= n
+
+
+def test_block_alignment_widens_windows_only_a_little() -> None:
+    assert [w.width for w in grid(1300, 10, 512, 64, (10, 512))] == [576, 576, 276]
+    assert [w.col_off for w in grid(1300, 10, 512, 64, (10, 512))] == [0, 512, 1024]
+    assert grid(600, 500, 256, 32, (512, 512)) == grid(600, 500, 256, 32)  # 544 px would be too far from 256
 
 
 def test_scale_maps_uint16_back_to_uint8() -> None:
@@ -111,6 +125,40 @@ def test_stitched_labels_equal_the_whole_scene(rgb_run: tuple) -> None:
     assert (labels[valid] == whole[valid]).mean() >= 0.9999
     # and the model reproduces the generator's truth closely (edges of shapes aside)
     assert (labels == scene.labels).mean() > 0.99
+
+
+def test_windows_of_a_blocked_file_start_on_its_blocks(tmp_path: Path) -> None:
+    """512² internal tiles, tiling 512/64: 576-px windows every 512 px, each read from 2x2 blocks; the
+    labels equal those of a striped copy (the plain 512/64 grid) and of the whole scene in one call."""
+    keys = {**SCENE, "width": 1300, "height": 1100}
+    keys.pop("block")
+    tiled = write_geo_scene(tmp_path / "tiled" / "s.tif", block=512, **keys)
+    write_geo_scene(tmp_path / "striped" / "s.tif", block=None, **keys)
+    labels, plans = {}, {}
+    for name in ("tiled", "striped"):
+        job = scene_job(tmp_path / name, tmp_path / f"out-{name}")
+        job["tiling"] = {"size": 512, "overlap": 64, "polygon_window": 512}
+        assert run_job(parse_job(job)).ok == 9
+        plans[name] = pq.read_table(next((tmp_path / f"out-{name}" / "runs").glob("*/plan/*.parquet"))).to_pylist()
+        with rasterio.open(tmp_path / f"out-{name}" / "masks" / "s.tif.tif") as cog:
+            labels[name] = cog.read(1)
+    with rasterio.open(tiled.path) as src:
+        assert src.block_shapes[0] == (512, 512)
+        whole = whole_scene_labels(src.read())
+    tiled_plan = plans["tiled"]
+    assert sorted({(r["col_off"], r["row_off"]) for r in tiled_plan}) == [(c, r) for c in (0, 512, 1024) for r in (0, 512, 1024)]
+    assert {r["win_width"] for r in tiled_plan} == {576, 1300 - 1024}
+    assert sorted({r["col_off"] for r in plans["striped"]}) == [0, 448, 896]  # strips: the plain grid
+    owner = np.zeros((1100, 1300), dtype=np.int32)
+    for r in tiled_plan:
+        c = core_of(Window(r["col_off"], r["row_off"], r["win_width"], r["win_height"]), 1300, 1100, 64)
+        owner[c.row_off : c.row_off + c.height, c.col_off : c.col_off + c.width] += 1
+    assert (owner == 1).all()
+    counts = np.bincount(whole.ravel(), minlength=4) / whole.size
+    assert (counts >= 0.03).sum() >= 2, counts
+    valid = labels["tiled"] != 255
+    assert valid.mean() > 0.99 and (labels["tiled"][valid] == whole[valid]).mean() >= 0.9999
+    assert (labels["tiled"] == labels["striped"]).all()
 
 
 def test_label_cog_is_valid_and_georeferenced_like_the_input(rgb_run: tuple) -> None:
@@ -201,7 +249,7 @@ def test_resume_redoes_only_uncommitted_windows(rgb_run: tuple, tmp_path: Path) 
 
 def test_bad_scenes_are_error_rows(tmp_path: Path) -> None:
     inputs = tmp_path / "in"
-    good = write_geo_scene(inputs / "good.tif", width=300, height=260, spacing=100, seed=5)
+    good = write_geo_scene(inputs / "good.tif", width=300, height=260, spacing=100, seed=5, block=512)
     (inputs / "noise.tif").write_bytes(np.random.default_rng(0).bytes(5000))
     data = good.path.read_bytes()
     (inputs / "cut.tif").write_bytes(data[: len(data) // 3])

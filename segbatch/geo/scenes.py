@@ -164,7 +164,7 @@ def _finish_one(
     base.update(width=h.width, height=h.height, crs=h.crs_wkt, transform=list(h.transform))
     if not h.georeferenced:
         base["warning"] = f"{scene.uri}: not georeferenced (no CRS): the COG and the polygons are in pixel coordinates"
-    wins = grid(h.width, h.height, t.size, t.overlap)
+    wins = grid(h.width, h.height, t.size, t.overlap, h.block)
     hashes = hash64([window_item_id(scene.uri, scene.version, window_key(w)) for w in wins])
     idx = np.minimum(np.searchsorted(done, hashes), max(done.size - 1, 0))
     ok = (done[idx] == hashes) if done.size else np.zeros(len(wins), bool)
@@ -222,7 +222,7 @@ def _assemble_instances(scene: PlannedScene, spec: Any, classes: list[str], base
     try:
         fs, _ = filesystem(o.uri, o.storage_options)
         parts = []
-        for w in grid(h.width, h.height, t.size, t.overlap):
+        for w in grid(h.width, h.height, t.size, t.overlap, h.block):
             _, p = filesystem(part_uri(o.uri, scene.rel_key, w, "json"), o.storage_options)
             parts.append(bytes(call_with_retries(lambda: fs.cat_file(p), what=f"reading {p}")))  # noqa: B023
         labels, scores, polys = scene_objects(parts)
