@@ -223,6 +223,60 @@ def test_bands_and_scale_give_the_rgb_labels(rgb_run: tuple, tmp_path: Path) -> 
         assert (a.read(1) == b.read(1)).all()
 
 
+@pytest.fixture(scope="module")
+def rgb_percentile_labels(rgb_run: tuple, tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    """The 8-bit RGB scene's labels scaled by its own 2nd-98th percentiles."""
+    root, scene, _ = rgb_run
+    out = tmp_path_factory.mktemp("rgb-percentile")
+    assert run_job(parse_job(scene_job(scene.path.parent.parent, out, scale={"percentile": [2, 98]}))).ok == 9
+    with rasterio.open(out / "masks" / "area" / "scene.tif.tif") as cog:
+        return cog.read(1)
+
+
+@pytest.mark.parametrize(
+    "kind,nodata_in_file,scale",
+    [
+        ("uint16x4", True, {"percentile": [2, 98]}),
+        ("int16x4", True, {"min": -1000, "max": 1550}),
+        ("int16x4", False, {"percentile": [2, 98]}),
+        ("float32x4", True, {"min": 0, "max": 1}),
+        ("float32x4", False, {"percentile": [2, 98]}),
+    ],
+)
+def test_int16_and_float32_scenes_give_the_rgb_labels(
+    rgb_run: tuple, rgb_percentile_labels: np.ndarray, tmp_path: Path, kind: str, nodata_in_file: bool, scale: dict
+) -> None:
+    """uint16 / int16 (negative values) / float32 scenes, nodata from the file (NaN for float32) or from
+    `input.nodata`, scaled back to the 8-bit values: the RGB scene's labels, the same nodata corner."""
+    from segbatch.synth import GEO_NODATA_INT16
+
+    root, _, _ = rgb_run
+    scene = write_geo_scene(tmp_path / "in" / "area" / "scene.tif", kind=kind, nodata_in_file=nodata_in_file, **SCENE)  # type: ignore[arg-type]
+    with rasterio.open(scene.path) as src:
+        assert src.dtypes[0] == kind[:-2] and (src.nodata is not None) == nodata_in_file
+        if kind == "int16x4":
+            assert src.read(1).min() < 0 and (src.read(1) > 0).any()
+    keys: dict[str, object] = {"bands": [3, 2, 1], "scale": scale}
+    if not nodata_in_file:
+        keys["nodata"] = GEO_NODATA_INT16 if kind == "int16x4" else -1.0
+    result = run_job(parse_job(scene_job(tmp_path / "in", tmp_path / "out", **keys)))
+    assert (result.ok, result.errors) == (9, {})
+    with rasterio.open(tmp_path / "out" / "masks" / "area" / "scene.tif.tif") as cog:
+        labels = cog.read(1)
+    if "percentile" in scale:
+        expected = rgb_percentile_labels
+    else:
+        with rasterio.open(root / "out" / "masks" / "area" / "scene.tif.tif") as cog:
+            expected = cog.read(1)
+    assert len(set(np.unique(expected).tolist()) - {255}) >= 3 and (expected == 255).sum() == 64 * 64
+    if kind == "float32x4" and "percentile" in scale:
+        # v/255 in float32 and its percentiles scale to k + 0.5 +- 1e-7 where the 8-bit values give exactly
+        # k + 0.5 (the synthetic values tie): ~5% of pixels land one level apart, 2 of 300,000 labels differ
+        assert ((labels == 255) == (expected == 255)).all() and (labels == expected).mean() >= 0.9999
+    else:
+        assert (labels == expected).all()
+
+
 def test_resume_redoes_only_uncommitted_windows(rgb_run: tuple, tmp_path: Path) -> None:
     root, scene, _ = rgb_run
     out = tmp_path / "out"
@@ -255,6 +309,8 @@ def test_bad_scenes_are_error_rows(tmp_path: Path) -> None:
     (inputs / "cut.tif").write_bytes(data[: len(data) // 3])
     with rasterio.open(inputs / "int32.tif", "w", driver="GTiff", width=64, height=64, count=3, dtype="int32") as dst:
         dst.write(np.ones((3, 64, 64), dtype=np.int32))
+    with rasterio.open(inputs / "complex.tif", "w", driver="GTiff", width=64, height=64, count=3, dtype="complex64") as dst:
+        dst.write(np.ones((3, 64, 64), dtype=np.complex64))
     with rasterio.open(inputs / "gray.tif", "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8") as dst:
         dst.write(np.ones((1, 64, 64), dtype=np.uint8))
     spec = parse_job(scene_job(inputs, tmp_path / "out", bands=[3, 2, 1]))
@@ -263,15 +319,18 @@ def test_bad_scenes_are_error_rows(tmp_path: Path) -> None:
     assert rows["noise.tif"]["error_class"] == "not_an_image"
     assert rows["cut.tif"]["error_class"] == "truncated"
     assert rows["int32.tif"]["error_class"] == "unsupported" and "int32" in rows["int32.tif"]["error"]
+    complex_error = rows["complex.tif"]["error"]
+    assert rows["complex.tif"]["error_class"] == "unsupported" and "complex64" in complex_error
+    assert complex_error.startswith(str(inputs / "complex.tif")) and "\n" not in complex_error
     assert rows["gray.tif"]["error_class"] == "unsupported" and "bands" in rows["gray.tif"]["error"]
     assert rows["good.tif"]["status"] == "ok" and result.ok == 4  # 2x2 windows
     scenes = {Path(r["uri"]).name: r for r in read_scene_rows(str(tmp_path / "out"), {}).to_pylist()}
     assert scenes["good.tif"]["status"] == "ok"
-    assert {scenes[n]["status"] for n in ("noise.tif", "cut.tif", "int32.tif", "gray.tif")} == {"error"}
+    assert {scenes[n]["status"] for n in ("noise.tif", "cut.tif", "int32.tif", "complex.tif", "gray.tif")} == {"error"}
     assert scenes["cut.tif"]["error_class"] == "truncated"
-    # three scenes refused while planning (one row each); the cut one's header reads, its 4 windows do not
+    # four scenes refused while planning (one row each); the cut one's header reads, its 4 windows do not
     errors = pq.read_table(tmp_path / "out" / "errors")
-    assert errors.num_rows == 3 + 4 and "good.tif" not in {Path(u).name for u in errors["uri"].to_pylist()}
+    assert errors.num_rows == 4 + 4 and "good.tif" not in {Path(u).name for u in errors["uri"].to_pylist()}
     assert "4 of 4 windows failed" in scenes["cut.tif"]["error"]
 
 
