@@ -334,6 +334,88 @@ def test_bad_scenes_are_error_rows(tmp_path: Path) -> None:
     assert "4 of 4 windows failed" in scenes["cut.tif"]["error"]
 
 
+def test_blend_weights_ramp_at_inner_edges_only() -> None:
+    from segbatch.geo.blend import axis_weights, window_weights
+
+    assert axis_weights(0, 256, 600, 32)[0] == 1 and axis_weights(448, 152, 600, 32)[-1] == 1  # the scene's edges
+    assert axis_weights(224, 256, 600, 32)[0] < 0.05 and axis_weights(0, 256, 600, 32)[-1] < 0.05  # inner edges
+    total = np.zeros((500, 600), dtype=np.float32)
+    for w in grid(600, 500, SIZE, OVERLAP):
+        total[w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width] += window_weights(w, 600, 500, OVERLAP)
+    assert np.allclose(total, 1.0, atol=1e-6)  # neighbouring ramps cross-fade: every pixel weighs 1 in all
+
+
+@pytest.fixture(scope="module")
+def weighted_run(rgb_run: tuple, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root, scene, _ = rgb_run
+    out = tmp_path_factory.mktemp("weighted") / "out"
+    job = scene_job(scene.path.parent.parent, out)
+    job["tiling"]["blend"] = "weighted"
+    assert run_job(parse_job(job)).ok == 9
+    return out
+
+
+def test_weighted_blending_equals_the_whole_scene_and_labels_the_outer_frame(rgb_run: tuple, weighted_run: Path) -> None:
+    from rio_cogeo.cogeo import cog_validate
+
+    root, scene, _ = rgb_run
+    parts = sorted((weighted_run / "parts" / "area" / "scene.tif").iterdir())
+    assert len(parts) == 9 and {p.suffix for p in parts} == {".npz"}
+    cog_path = weighted_run / "masks" / "area" / "scene.tif.tif"
+    assert cog_validate(str(cog_path))[0]
+    with rasterio.open(scene.path) as src:
+        image = src.read()
+        nodata_in = (image == src.nodata).all(axis=0)
+    whole = whole_scene_labels(image)
+    with rasterio.open(cog_path) as cog:
+        labels = cog.read(1)
+    assert len(np.unique(whole)) >= 3
+    assert ((labels == 255) == nodata_in).all()
+    assert (labels[~nodata_in] == whole[~nodata_in]).mean() >= 0.9999
+    frame = np.zeros_like(nodata_in)
+    frame[0, :] = frame[-1, :] = frame[:, 0] = frame[:, -1] = True
+    frame &= ~nodata_in
+    assert frame.sum() > 2000 and (labels[frame] != 255).all() and (labels[frame] == whole[frame]).all()
+    frame_polys = gpd.read_parquet(weighted_run / "polygons" / "area" / "scene.tif.parquet")
+    assert len(frame_polys) == scene.objects
+
+
+def test_weighted_blending_differs_from_core_on_a_position_dependent_model(rgb_run: tuple, tmp_path: Path) -> None:
+    """Both into one output: switching `blend` changes the fingerprint, and `--force` then finishes the
+    scene again (its earlier scene row is moved aside with the window rows)."""
+    from segbatch.errors import JobError
+
+    root, scene, _ = rgb_run
+    labels = {}
+    for blend in ("core", "weighted"):
+        job = scene_job(scene.path.parent.parent, tmp_path / "out")
+        job["model"]["arch"] = "tests.probe_models:position_probe"
+        job["tiling"]["blend"] = blend
+        if blend == "weighted":
+            with pytest.raises(JobError, match="another model, weights or preprocessing"):
+                run_job(parse_job(job))
+        assert run_job(parse_job(job), force=blend == "weighted").ok == 9
+        with rasterio.open(tmp_path / "out" / "masks" / "area" / "scene.tif.tif") as cog:
+            labels[blend] = cog.read(1)
+    assert len(read_scene_rows(str(tmp_path / "out"), {})) == 1  # the core run's row is under superseded/
+    for blend in labels:
+        assert len(set(np.unique(labels[blend]).tolist()) - {255}) == 3
+    differ = (labels["core"] != labels["weighted"]).mean()
+    assert differ > 0.01, differ  # blending mixes neighbouring windows across every seam
+    # away from the seams (more than half an overlap inside a core) both modes take the same window
+    assert (labels["core"][:200, :200] == labels["weighted"][:200, :200]).all()
+
+
+def test_weighted_blending_is_refused_for_instance_jobs(tmp_path: Path) -> None:
+    from segbatch.spec import SpecError
+
+    job = scene_job(tmp_path, tmp_path / "out")
+    job["model"]["task"] = "instance"
+    job["tiling"]["blend"] = "weighted"
+    with pytest.raises((SpecError, ValueError), match="blend: weighted .*model.task: semantic"):
+        parse_job(job)
+
+
 def test_eval_scores_a_scene_against_its_truth(rgb_run: tuple) -> None:
     from segbatch.evaluate import evaluate_output, format_report
 

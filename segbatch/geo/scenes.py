@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from segbatch.geo.blend import assemble_blended
 from segbatch.geo.cog import assemble_labels, label_dtype, put_file, to_cog
 from segbatch.geo.plan import PlannedScene, window_item_id
 from segbatch.geo.windows import grid, window_key
@@ -190,7 +191,8 @@ def _assemble(scene: PlannedScene, spec: Any, classes: list[str], dtype: str, ba
     try:
         with tempfile.TemporaryDirectory(prefix="segbatch-scene-") as tmp:
             raw, cog = Path(tmp) / "labels.tif", Path(tmp) / "cog.tif"
-            assemble_labels(scene.header, o.uri, o.storage_options, scene.rel_key, t.size, t.overlap, dtype, raw)  # type: ignore[arg-type]
+            assemble = assemble_blended if t.blend == "weighted" else assemble_labels
+            assemble(scene.header, o.uri, o.storage_options, scene.rel_key, t.size, t.overlap, dtype, raw)  # type: ignore[arg-type]
             to_cog(raw, cog, classes)
             raw.unlink()
             put_file(cog, mask_uri, o.storage_options)
