@@ -459,6 +459,48 @@ def test_instance_objects_on_seams_are_counted_once(tmp_path: Path) -> None:
     assert sum(r["num_instances"] for r in rows) > scene.objects  # seam objects left pieces in two windows: merged
 
 
+def test_instance_scene_writes_an_instance_id_cog(tmp_path: Path) -> None:
+    """builtin:shapes (Mask R-CNN) with output.instance_png: instances/<rel_key>.tif, a uint16 COG whose
+    pixel values are the GeoParquet rows' instance_id, georeferenced like the input."""
+    from rasterio.features import rasterize
+    from rio_cogeo.cogeo import cog_validate
+
+    scene = write_geo_scene(tmp_path / "in" / "scene.tif", truth=tmp_path / "truth", **SCENE)
+    job = scene_job(tmp_path / "in", tmp_path / "out")
+    job["model"] = {"task": "instance", "weights": "builtin:shapes", "batch_size": 2}
+    job["output"]["instance_png"] = True
+    assert run_job(parse_job(job)).ok == 9
+    frame = gpd.read_parquet(tmp_path / "out" / "polygons" / "scene.tif.parquet")
+    assert len(frame) >= scene.objects * 0.8, (len(frame), scene.objects)  # the model finds most shapes
+    assert frame["instance_id"].tolist() == list(range(1, len(frame) + 1))
+    path = tmp_path / "out" / "instances" / "scene.tif.tif"
+    valid, errors, warnings = cog_validate(str(path))
+    assert valid and not errors, errors
+    with rasterio.open(path) as cog, rasterio.open(scene.path) as src:
+        assert (cog.crs, cog.transform, cog.width, cog.height) == (src.crs, src.transform, src.width, src.height)
+        assert cog.dtypes[0] == "uint16" and cog.nodata is None and cog.overviews(1)
+        ids = cog.read(1)
+        transform = src.transform
+    present = set(np.unique(ids).tolist())
+    assert 0 in present and present - {0} == set(frame["instance_id"])
+    # each object's pixels lie in its polygon, and all of them where no higher-scored object overlaps it
+    matched = 0
+    for instance_id, geom in zip(frame["instance_id"], frame.geometry):
+        own = rasterize([(geom, 1)], out_shape=ids.shape, transform=transform, dtype="uint8").astype(bool)
+        mine = ids == instance_id
+        assert own.sum() and (mine & ~own).sum() == 0
+        matched += int((mine == own).all())
+    assert matched >= len(frame) * 0.8, (matched, len(frame))
+    # exactly the rows' polygons (map coordinates) painted whole-scene in one call, lowest score first
+    order = sorted(range(len(frame)), key=lambda k: (float(frame["score"].iloc[k]), -k))
+    shapes = [(frame.geometry.iloc[k], int(frame["instance_id"].iloc[k])) for k in order]
+    assert (ids == rasterize(shapes, out_shape=ids.shape, transform=transform, dtype="uint16")).all()
+    # without instance_png, no instance COG
+    job["output"]["uri"] = str(tmp_path / "plain")
+    job["output"]["instance_png"] = False
+    assert run_job(parse_job(job)).ok == 9 and not (tmp_path / "plain" / "instances").exists()
+
+
 def test_a_tiff_without_georeferencing_runs_in_pixel_coordinates(tmp_path: Path) -> None:
     scene = write_geo_scene(tmp_path / "geo.tif", width=300, height=260, spacing=100, seed=7)
     with rasterio.open(scene.path) as src:
