@@ -32,7 +32,10 @@ import numpy as np
 
 from segbatch.geo.windows import Window, grid
 
-__all__ = ["axis_weights", "assemble_blended", "decode_probs", "encode_probs", "window_weights"]
+__all__ = ["ARGMAX_ROWS", "axis_weights", "assemble_blended", "decode_probs", "encode_probs", "window_weights"]
+
+#: Rows of a finished band turned into labels at once (numpy's argmax makes an int64 array).
+ARGMAX_ROWS = 64
 
 
 def axis_weights(start: int, length: int, n: int, overlap: int) -> np.ndarray:
@@ -127,7 +130,10 @@ def assemble_blended(
                     nod[:, x0:x1] |= mask
             assert acc is not None  # every window row has windows
             done = (rows[k + 1] if k + 1 < len(rows) else height) - row_off  # rows no later window touches
-            labels = acc[:, :done].argmax(axis=0).astype(dtype)
+            labels = np.empty((done, width), dtype=dtype)
+            for y in range(0, done, ARGMAX_ROWS):  # argmax gives int64: by a few rows, not the whole band
+                stop = min(y + ARGMAX_ROWS, done)
+                labels[y:stop] = acc[:, y:stop].argmax(axis=0)
             labels[nod[:done]] = nodata_value
             dst.write(labels[None], window=RioWindow(0, row_off, width, done))
             carry = (row_off + done, acc[:, done:].copy(), nod[done:].copy()) if done < h else None
