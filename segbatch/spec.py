@@ -458,7 +458,8 @@ class JobSpec(_Strict):
             mask_threshold=m.mask_threshold,
             max_detections=m.max_detections,
             precision=m.precision,
-            instance_png=self.output.instance_png,
+            # scenes burn their instance-id COG from the merged polygons: windows need no id maps
+            instance_png=self.output.instance_png and self.tiling is None,
             probabilities=self.tiling is not None and self.tiling.blend == "weighted",
         )
 
