@@ -8,7 +8,8 @@ from S3 against the bytes the windows need.
    `blockcache`), with 256 KiB and 1 MiB blocks, and with s3fs' defaults (50 MiB read-ahead), opening
    the scene once per load task of `--task-windows` windows in grid order. "Needed" is the sum of the compressed
    sizes of the internal blocks each window overlaps (blocks shared by windows counted once per window),
-   plus nothing for the header.
+   plus nothing for the header. The grid is the one a job plans (aligned to the scene's 512² blocks:
+   576-px windows every 512 px); `--plain-grid` reads the plain 512/64 grid instead, for comparison.
 3. **Windows/s**: `segbatch run` (local Ray, subprocess) on the local scene: windows / stream seconds,
    and windows between first and last results / that span (steady); against the predictor alone on the
    same windows (pre-read arrays, same batch size, the better of one pass and the actor's streams).
@@ -52,7 +53,7 @@ def _moto() -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def bytes_read(scene: Path, size: int, overlap: int, task_windows: int) -> dict[str, object]:
+def bytes_read(scene: Path, size: int, overlap: int, task_windows: int, plain_grid: bool = False) -> dict[str, object]:
     import boto3
     import rasterio
     import s3fs
@@ -69,12 +70,14 @@ def bytes_read(scene: Path, size: int, overlap: int, task_windows: int) -> dict[
         boto3.client("s3", endpoint_url=endpoint).upload_file(str(scene), "bench", "scene.tif")
         with rasterio.open(scene) as ds:
             bh, bw = ds.block_shapes[0]
-            wins = grid(ds.width, ds.height, size, overlap)
-            needed = 0
+            # the grid the job plans (block-aligned for a tiled file), or the plain one for comparison
+            wins = grid(ds.width, ds.height, size, overlap, None if plain_grid else (bh, bw))
+            needed = blocks = 0
             for w in wins:
                 for r in range(w.row_off // bh, (w.row_off + w.height - 1) // bh + 1):
                     for c in range(w.col_off // bw, (w.col_off + w.width - 1) // bw + 1):
                         needed += ds.block_size(1, r, c)
+                        blocks += 1
         fetched: list[int] = []
         original = s3fs.core.S3File._fetch_range
 
@@ -84,7 +87,10 @@ def bytes_read(scene: Path, size: int, overlap: int, task_windows: int) -> dict[
             return out
 
         s3fs.core.S3File._fetch_range = counting  # type: ignore[method-assign]
-        figures: dict[str, object] = {"windows": len(wins), "scene_mb": round(scene.stat().st_size / 1e6, 1),
+        figures: dict[str, object] = {"grid": "plain" if plain_grid else "aligned", "windows": len(wins),
+                                      "window_side": max(w.width for w in wins), "blocks_read": blocks,
+                                      "blocks_per_window": round(blocks / len(wins), 2),
+                                      "scene_mb": round(scene.stat().st_size / 1e6, 1),
                                       "needed_mb": round(needed / 1e6, 1), "windows_per_task": task_windows}
         configs = [(f"blockcache_{b // 1024}k", {"default_block_size": b, "default_cache_type": "blockcache"}) for b in (256 * 1024, 1024 * 1024, S3_BLOCK)]
         configs.append(("s3fs_default_readahead_50m", {"default_block_size": 50 * 2**20, "default_cache_type": "readahead"}))
@@ -138,8 +144,9 @@ def model_only(scene: Path, arch: str, batch_size: int, size: int, overlap: int)
     from segbatch.spec import SceneSettings
 
     with open_scene(str(scene), {}) as ds:
-        wins = grid(ds.width, ds.height, size, overlap)
-        full = [w for w in wins if (w.width, w.height) == (size, size)]
+        wins = grid(ds.width, ds.height, size, overlap, ds.block_shapes[0])  # the job's grid
+        side = max(w.width for w in wins)
+        full = [w for w in wins if (w.width, w.height) == (side, side)]
         images = [read_window(ds, w, SceneSettings())[0] for w in full]
     cores = _os.cpu_count() or 1
     pred = _predictor("semantic", arch, batch_size, cores)
@@ -155,6 +162,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--task-windows", type=int, default=16, help="windows per load task (compute.load_batch_size)")
+    parser.add_argument("--plain-grid", action="store_true", help="bytes: the plain grid, not aligned to the file's blocks")
     parser.add_argument("--skip-bytes", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--workdir", default=None)
@@ -166,7 +174,7 @@ def main() -> int:
         write_big_scene(scene, args.side)
     row: dict[str, object] = {"side": args.side, "tiling": [args.size, args.overlap], "arch": args.arch}
     if not args.skip_bytes:
-        row.update(bytes_read(scene, args.size, args.overlap, args.task_windows))
+        row.update(bytes_read(scene, args.size, args.overlap, args.task_windows, args.plain_grid))
     if not args.skip_e2e:
         before = model_only(scene, args.arch, args.batch_size, args.size, args.overlap)
         row.update(end_to_end(scene, work, args.arch, args.batch_size, args.size, args.overlap))

@@ -7,7 +7,8 @@ Layout under a job's `output.uri` (folder names are the constants below; nothing
     errors/part-<run_id>-<seq>.parquet      the error rows again
     runs/<run_id>.json                      the run manifest
     runs/<run_id>/plan/part-<seq>.parquet   the run's plan: the work items it fed to Ray
-    superseded/<run_id>/{metadata,errors}/  parts moved aside by `--force`
+    scenes/part-<run_id>.parquet            scene jobs: one row per scene (segbatch.geo.scenes)
+    superseded/<run_id>/{metadata,errors,scenes}/  parts moved aside by `--force`
 
 Resume, `--force`, `segbatch eval` and exports read committed outputs only through this module:
 :func:`read_rows` (a table), :func:`iter_parts` (part by part, for scale), :func:`latest_rows` (one row
@@ -68,6 +69,8 @@ ERRORS = "errors"
 RUNS = "runs"
 PLAN = "plan"
 SUPERSEDED = "superseded"
+#: Scene jobs' per-scene rows (:mod:`segbatch.geo.scenes`): moved aside by `--force` too, so every scene is finished again.
+SCENES = "scenes"
 
 #: Bumped whenever a column is added, removed or changes meaning (stored in each file's metadata).
 #: 2: an instance's `bbox` is its mask's tight box (it was the detector's, now `detector_bbox`).
@@ -440,10 +443,10 @@ def read_ledger(
 
 
 def supersede(output_uri: str, storage_options: dict[str, Any] | None, run_id: str) -> None:
-    """Move every metadata and errors part to `superseded/<run_id>/` (never deleted)."""
+    """Move every metadata, errors and scene-row part to `superseded/<run_id>/` (never deleted)."""
     fs, root = filesystem(output_uri, storage_options)
     root = root.rstrip("/")
-    for folder in (METADATA, ERRORS):
+    for folder in (METADATA, ERRORS, SCENES):
         parts = _part_paths(fs, root, folder)
         if not parts:
             continue

@@ -187,6 +187,12 @@ class TilingSpec(_Strict):
         description="Pixels shared by neighbouring windows. Each output pixel comes from the one window whose core "
         "owns it: overlap/2 is dropped at inner window edges (never at the scene's edges).",
     )
+    blend: Literal["core", "weighted"] = Field(
+        default="core",
+        description="`core`: each pixel from the one window whose core owns it (no accumulator). `weighted` "
+        "(semantic only): class probabilities of overlapping windows summed with weights that ramp to 0 at inner "
+        "window edges (never at the scene's edges), assembled in row bands (README, 'Satellite scenes').",
+    )
     polygons: bool = Field(default=True, description="Also write `polygons/<rel_key>.parquet` (GeoParquet 1.1).")
     polygon_window: PositiveInt = Field(
         default=2048, description="Side of the windows the label raster is polygonized by (bounds memory)."
@@ -383,6 +389,7 @@ class SceneSettings(_Strict):
     assets: tuple[str, ...] | None = _same_as(InputSpec, "assets")
     size: int = _same_as(TilingSpec, "size")
     overlap: int = _same_as(TilingSpec, "overlap")
+    blend: Literal["core", "weighted"] = _same_as(TilingSpec, "blend")
 
 
 class LoadSettings(_Strict):
@@ -404,6 +411,10 @@ class PredictSettings(_Strict):
     max_detections: int = _same_as(ModelSpec, "max_detections")
     precision: Literal["fp32", "fp16", "bf16"] = _same_as(ModelSpec, "precision")
     instance_png: bool = _same_as(OutputSpec, "instance_png")
+    probabilities: bool = Field(
+        default=False, description="Semantic: also return each image's class probabilities (`probs`, C x H x W float16): "
+        "set for scenes with `tiling.blend: weighted`."
+    )
 
 
 class RunSpec(_Strict):
@@ -457,6 +468,9 @@ class JobSpec(_Strict):
         i = self.input
         if self.tiling is None and (i.bands or i.scale or i.nodata is not None or i.assets):
             raise ValueError("input.bands, input.scale, input.nodata and input.assets apply to scenes: add a `tiling` section")
+        if self.tiling is not None and self.tiling.blend == "weighted" and self.first_model.task != "semantic":
+            raise ValueError("tiling.blend: weighted blends class probabilities, so it needs model.task: semantic "
+                             "(instance scenes keep each object in the one window that owns it)")
         if i.assets is not None and not i.assets:
             raise ValueError("input.assets expected at least one asset key")
         return self
@@ -484,7 +498,7 @@ class JobSpec(_Strict):
         i, t = self.input, self.tiling or TilingSpec()
         return SceneSettings(
             storage_options=i.storage_options, bands=i.bands, scale=i.scale, nodata=i.nodata, assets=i.assets,
-            size=t.size, overlap=t.overlap,
+            size=t.size, overlap=t.overlap, blend=t.blend,
         )
 
     def predict_settings(self) -> PredictSettings:
@@ -497,7 +511,9 @@ class JobSpec(_Strict):
             mask_threshold=m.mask_threshold,
             max_detections=m.max_detections,
             precision=m.precision,
-            instance_png=self.output.instance_png,
+            # scenes burn their instance-id COG from the merged polygons: windows need no id maps
+            instance_png=self.output.instance_png and self.tiling is None,
+            probabilities=self.tiling is not None and self.tiling.blend == "weighted",
         )
 
     @property
@@ -578,6 +594,8 @@ class JobSpec(_Strict):
                 "size": self.tiling.size,
                 "overlap": self.tiling.overlap,
             }
+            if self.tiling.blend != "core":  # only then: outputs of core jobs keep their fingerprint
+                keys["scene"]["blend"] = self.tiling.blend
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -507,8 +507,9 @@ def write_dataset(root: Path, count: int, seed: int) -> tuple[Path, Path]:
 
 #: A georeferenced scene's colour per class: class k is bright in channel k - 1 (R, G, B), dim elsewhere.
 GEO_BRIGHT, GEO_DIM = 210, 30
-#: Band value of nodata pixels in written scenes (every band).
+#: Band value of nodata pixels in written scenes (every band); int16 scenes use :data:`GEO_NODATA_INT16`.
 GEO_NODATA = 0
+GEO_NODATA_INT16 = -9999
 
 
 @dataclass(slots=True)
@@ -531,11 +532,12 @@ def write_geo_scene(
     crs: str = "EPSG:32633",
     origin: tuple[float, float] = (500_000.0, 5_000_000.0),
     pixel_size: float = 10.0,
-    block: int = 256,
+    block: int | None = 256,
     spacing: int = 110,
     shape_size: tuple[float, float] = (24.0, 40.0),
     nodata_corner: int = 64,
-    kind: Literal["rgb8", "uint16x4"] = "rgb8",
+    kind: Literal["rgb8", "uint16x4", "int16x4", "float32x4"] = "rgb8",
+    nodata_in_file: bool = True,
     truth: Path | None = None,
     truth_key: str | None = None,
 ) -> GeoScene:
@@ -547,9 +549,21 @@ def write_geo_scene(
     (values 40-90, never the nodata value). The top-left `nodata_corner` square is nodata
     (:data:`GEO_NODATA` in every band; the file's nodata is set), and no shape touches it.
 
-    `kind="rgb8"` writes 3 uint8 bands (R, G, B); `kind="uint16x4"` writes 4 uint16 bands
-    (B*10, G*10, R*10, noise), so bands [3, 2, 1] scaled with `{min: 0, max: 2550}` give back the
-    8-bit RGB scene exactly.
+    `block` is the side of the file's internal tiles; None writes strips (GDAL's default layout).
+
+    `kind="rgb8"` writes 3 uint8 bands (R, G, B); the others write 4 bands (B', G', R', noise) that
+    bands [3, 2, 1] scaled as shown give back the 8-bit RGB scene exactly:
+
+    ============  ====================  ===========================  ====================
+    kind          band value            input.scale                  nodata value
+    ============  ====================  ===========================  ====================
+    `uint16x4`    `v * 10`              `{min: 0, max: 2550}`        0
+    `int16x4`     `v * 10 - 1000`       `{min: -1000, max: 1550}`    -9999 (:data:`GEO_NODATA_INT16`)
+    `float32x4`   `v / 255`             `{min: 0, max: 1}`           NaN (in the file), else -1.0
+    ============  ====================  ===========================  ====================
+
+    (int16 values are negative below v = 100: the background.) With `nodata_in_file=False` the corner
+    still holds the nodata value but the file declares none (a job then names it in `input.nodata`).
 
     With `truth`, also `truth/labels/<key>.tif` (uint8 labels, 255 nodata, same georeferencing) and
     `truth/polygons/<key>.geojson` (one feature per shape, `label` and `class_name`, in the scene's CRS),
@@ -590,18 +604,29 @@ def write_geo_scene(
         image[:nodata_corner, :nodata_corner] = GEO_NODATA
         labels[:nodata_corner, :nodata_corner] = 255
     transform = from_origin(origin[0], origin[1], pixel_size, pixel_size)
+    nodata: float = GEO_NODATA
     if kind == "rgb8":
         bands = np.moveaxis(image, -1, 0)
     else:
-        rgb16 = image.astype(np.uint16) * 10
-        extra = rng.integers(1, 4000, size=(height, width)).astype(np.uint16)
-        extra[:nodata_corner, :nodata_corner] = GEO_NODATA
-        bands = np.stack([rgb16[..., 2], rgb16[..., 1], rgb16[..., 0], extra])
+        extra = rng.integers(1, 4000, size=(height, width))
+        if kind == "uint16x4":
+            values, dtype = image.astype(np.float64) * 10, np.uint16
+        elif kind == "int16x4":
+            values, dtype, nodata = image.astype(np.float64) * 10 - 1000, np.int16, GEO_NODATA_INT16
+            extra = extra - 2000
+        elif kind == "float32x4":
+            values, dtype, nodata = image.astype(np.float64) / 255, np.float32, float("nan") if nodata_in_file else -1.0
+            extra = extra / 4000
+        else:
+            raise ValueError(f"expected kind rgb8, uint16x4, int16x4 or float32x4, but got {kind!r}")
+        bands = np.stack([values[..., 2], values[..., 1], values[..., 0], extra]).astype(dtype)
+        if nodata_corner:
+            bands[:, :nodata_corner, :nodata_corner] = nodata
     path.parent.mkdir(parents=True, exist_ok=True)
     profile = {
         "driver": "GTiff", "width": width, "height": height, "count": bands.shape[0], "dtype": bands.dtype.name,
-        "crs": crs, "transform": transform, "nodata": GEO_NODATA, "tiled": True, "blockxsize": block,
-        "blockysize": block, "compress": "deflate",
+        "crs": crs, "transform": transform, "nodata": nodata if nodata_in_file else None, "compress": "deflate",
+        **({"tiled": True, "blockxsize": block, "blockysize": block} if block else {}),
     }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(bands)

@@ -115,3 +115,28 @@ class ShapeInstanceProbe(nn.Module):
 
 def shape_instance_probe(num_classes: int) -> nn.Module:
     return ShapeInstanceProbe(num_classes)
+
+
+class PositionProbe(nn.Module):
+    """A semantic model whose output depends on where a pixel sits in its window, not only on the image:
+    class 1 grows from left to right, class 2 from top to bottom, class 0 stays 0 (any input).
+
+    Core stitching takes each pixel from one window, so its labels jump at core seams; weighted
+    blending mixes neighbouring windows across the overlap, so the two modes must differ there."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, _, h, w = x.shape
+        cols = torch.linspace(-1, 1, w).view(1, 1, 1, w).expand(n, 1, h, w)
+        rows = torch.linspace(-1, 1, h).view(1, 1, h, 1).expand(n, 1, h, w)
+        logits = torch.cat([torch.zeros_like(cols), cols, rows], dim=1)
+        pad = torch.full((n, self.num_classes - 3, h, w), -1e4)
+        return {"out": torch.cat([logits, pad], dim=1) * self.scale}
+
+
+def position_probe(num_classes: int) -> nn.Module:
+    return PositionProbe(num_classes)

@@ -34,7 +34,7 @@ from segbatch.masks import decode_png_label_map
 from segbatch.retry import call_with_retries
 from segbatch.storage import filesystem
 
-__all__ = ["GDAL_CACHEMAX", "assemble_labels", "to_cog", "label_dtype"]
+__all__ = ["GDAL_CACHEMAX", "assemble_labels", "label_dtype", "label_profile", "to_cog"]
 
 #: GDAL block cache (MiB) while assembling and converting: bounds the driver's memory.
 GDAL_CACHEMAX = 128
@@ -44,6 +44,24 @@ _BLOCK = 512
 def label_dtype(num_classes: int) -> str:
     """uint8 while the classes leave 255 free for nodata, else uint16."""
     return "uint8" if num_classes <= 255 else "uint16"
+
+
+def label_profile(header: SceneHeader, dtype: str, nodata: int | None) -> dict[str, Any]:
+    """The tiled GeoTIFF profile of a one-band raster over the scene (its CRS, transform and size)."""
+    return {
+        "driver": "GTiff",
+        "width": header.width,
+        "height": header.height,
+        "count": 1,
+        "dtype": dtype,
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": _BLOCK,
+        "blockysize": _BLOCK,
+        "compress": "deflate",
+        "crs": CRS.from_wkt(header.crs_wkt) if header.crs_wkt else None,
+        "transform": Affine(*header.transform),
+    }
 
 
 def assemble_labels(
@@ -58,23 +76,8 @@ def assemble_labels(
 ) -> None:
     """Copy every window's core part into a tiled GeoTIFF at `path` (see the module docstring)."""
     fs, _ = filesystem(output_uri, storage_options)
-    nodata = nodata_label(dtype)
-    profile = {
-        "driver": "GTiff",
-        "width": header.width,
-        "height": header.height,
-        "count": 1,
-        "dtype": dtype,
-        "nodata": nodata,
-        "tiled": True,
-        "blockxsize": _BLOCK,
-        "blockysize": _BLOCK,
-        "compress": "deflate",
-        "crs": CRS.from_wkt(header.crs_wkt) if header.crs_wkt else None,
-        "transform": Affine(*header.transform),
-    }
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX), rasterio.open(path, "w", **profile) as dst:
-        for w in grid(header.width, header.height, size, overlap):
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX), rasterio.open(path, "w", **label_profile(header, dtype, nodata_label(dtype))) as dst:
+        for w in grid(header.width, header.height, size, overlap, header.block):
             core = core_of(w, header.width, header.height, overlap)
             uri = part_uri(output_uri, rel_key, w)
             _, p = filesystem(uri, storage_options)

@@ -8,18 +8,26 @@ an inner window edge (`cut`) and overlap each other in the overlap strip; after 
 of one class whose intersection covers at least :data:`MERGE_IOS` of the smaller piece (IoS) are
 merged (union-find over an STRtree's candidates), keeping the highest score. Everything else is one
 object already.
+
+With `output.instance_png`, the scene's objects are also burnt into an instance-id raster
+(:func:`write_instance_raster`): object k of the scene's GeoParquet rows (its `instance_id` column,
+1-based, in row order) has pixel value k, background 0; uint16 (uint32 above 65,535 objects). Where
+objects overlap, the higher score wins, as in an image job's instance PNG. It is written by windows
+of `polygon_window` pixels (an STRtree finds each window's objects), so memory is one window plus the
+polygons, and then converted to a COG like the label raster.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from segbatch.geo.windows import Window, core_of
 
-__all__ = ["MERGE_IOS", "owned", "scene_objects"]
+__all__ = ["MERGE_IOS", "owned", "scene_objects", "write_instance_raster"]
 
 #: Intersection over the smaller piece at which two cut pieces are one object.
 MERGE_IOS = 0.5
@@ -104,3 +112,30 @@ def scene_objects(parts: list[bytes]) -> tuple[list[int], list[float], list[Any]
         out_s.append(max(scores[i] for i in members))
         out_p.append(shapely.unary_union([polys[i] for i in members]) if len(members) > 1 else polys[members[0]])
     return out_l, out_s, out_p
+
+
+def write_instance_raster(header: Any, polygons: list[Any], scores: list[float], path: Path, window: int = 2048) -> str:
+    """Burn `polygons` (scene pixel coordinates) into a tiled instance-id GeoTIFF at `path`: polygon k
+    has id k + 1, background 0, the higher score on top where objects overlap; returns the dtype."""
+    import rasterio
+    import shapely
+    from rasterio.features import rasterize
+    from rasterio.transform import Affine
+    from rasterio.windows import Window as RioWindow
+
+    from segbatch.geo.cog import GDAL_CACHEMAX, label_profile
+
+    dtype = "uint16" if len(polygons) <= np.iinfo(np.uint16).max else "uint32"
+    tree = shapely.STRtree(polygons)
+    profile = label_profile(header, dtype, None)  # 0 is background, not nodata
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX), rasterio.open(path, "w", **profile) as dst:
+        for y in range(0, header.height, window):
+            for x in range(0, header.width, window):
+                w, h = min(window, header.width - x), min(window, header.height - y)
+                hits = tree.query(shapely.box(x, y, x + w, y + h)) if polygons else []
+                order = sorted((int(k) for k in hits), key=lambda k: (scores[k], -k))  # painted last = on top
+                ids = np.zeros((h, w), dtype=dtype)
+                if order:
+                    ids = rasterize([(polygons[k], k + 1) for k in order], out_shape=(h, w), transform=Affine.translation(x, y), dtype=dtype)
+                dst.write(ids[None], window=RioWindow(x, y, w, h))
+    return dtype

@@ -119,7 +119,7 @@ def scene_plan_pages(
                 scenes.append(PlannedScene(obj.uri, obj.version, rel_key, None, 0))
                 width = height = 0
             else:
-                wins = grid(head.width, head.height, tiling.size, tiling.overlap)  # type: ignore[assignment]
+                wins = grid(head.width, head.height, tiling.size, tiling.overlap, head.block)  # type: ignore[assignment]
                 ids = [window_item_id(obj.uri, obj.version, window_key(w)) for w in wins]  # type: ignore[arg-type]
                 error, error_class = "", ""
                 scenes.append(PlannedScene(obj.uri, obj.version, rel_key, head, len(wins)))

@@ -96,9 +96,11 @@ def write_geoparquet(
     rel_key: str,
     uri: str,
     scores: list[float] | None = None,
+    instance_ids: bool = False,
 ) -> int:
-    """Write the polygons as GeoParquet 1.1 (`label`, `class_name`, [`score`], `rel_key`, `uri`, `geometry`,
-    `bbox`); returns rows."""
+    """Write the polygons as GeoParquet 1.1 (`label`, `class_name`, [`score`], [`instance_id`: 1-based row
+    number, the pixel value of the object in the instance-id COG], `rel_key`, `uri`, `geometry`, `bbox`);
+    returns rows."""
     import geopandas as gpd
 
     names = [classes[v] if 0 <= v < len(classes) else str(v) for v in labels]
@@ -107,6 +109,7 @@ def write_geoparquet(
             "label": np.asarray(labels, dtype=np.int32),
             "class_name": names,
             **({"score": np.asarray(scores, dtype=np.float32)} if scores is not None else {}),
+            **({"instance_id": np.arange(1, len(labels) + 1, dtype=np.int32)} if instance_ids else {}),
             "rel_key": [rel_key] * len(labels),
             "uri": [uri] * len(labels),
         },

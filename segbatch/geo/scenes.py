@@ -27,19 +27,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from segbatch.geo.blend import assemble_blended
 from segbatch.geo.cog import assemble_labels, label_dtype, put_file, to_cog
 from segbatch.geo.plan import PlannedScene, window_item_id
 from segbatch.geo.windows import grid, window_key
-from segbatch.outputs import MASKS, hash64, iter_parts, sorted_unique
+from segbatch.outputs import MASKS, SCENES, hash64, iter_parts, sorted_unique
 from segbatch.retry import call_with_retries
 from segbatch.storage import filesystem, join_uri, unstrip, write_bytes_atomic
 
-__all__ = ["POLYGONS", "SCENE_ROWS", "SCENE_SCHEMA", "finish_scenes", "read_scene_rows"]
+__all__ = ["INSTANCES", "POLYGONS", "SCENE_ROWS", "SCENE_SCHEMA", "finish_scenes", "read_scene_rows"]
 
 logger = logging.getLogger(__name__)
 
 POLYGONS = "polygons"
-SCENE_ROWS = "scenes"
+SCENE_ROWS = SCENES
+#: Instance scenes with `output.instance_png`: `instances/<rel_key>.tif`, the instance-id COG.
+INSTANCES = "instances"
 
 SCENE_SCHEMA = pa.schema(
     [
@@ -164,7 +167,7 @@ def _finish_one(
     base.update(width=h.width, height=h.height, crs=h.crs_wkt, transform=list(h.transform))
     if not h.georeferenced:
         base["warning"] = f"{scene.uri}: not georeferenced (no CRS): the COG and the polygons are in pixel coordinates"
-    wins = grid(h.width, h.height, t.size, t.overlap)
+    wins = grid(h.width, h.height, t.size, t.overlap, h.block)
     hashes = hash64([window_item_id(scene.uri, scene.version, window_key(w)) for w in wins])
     idx = np.minimum(np.searchsorted(done, hashes), max(done.size - 1, 0))
     ok = (done[idx] == hashes) if done.size else np.zeros(len(wins), bool)
@@ -190,7 +193,8 @@ def _assemble(scene: PlannedScene, spec: Any, classes: list[str], dtype: str, ba
     try:
         with tempfile.TemporaryDirectory(prefix="segbatch-scene-") as tmp:
             raw, cog = Path(tmp) / "labels.tif", Path(tmp) / "cog.tif"
-            assemble_labels(scene.header, o.uri, o.storage_options, scene.rel_key, t.size, t.overlap, dtype, raw)  # type: ignore[arg-type]
+            assemble = assemble_blended if t.blend == "weighted" else assemble_labels
+            assemble(scene.header, o.uri, o.storage_options, scene.rel_key, t.size, t.overlap, dtype, raw)  # type: ignore[arg-type]
             to_cog(raw, cog, classes)
             raw.unlink()
             put_file(cog, mask_uri, o.storage_options)
@@ -222,7 +226,7 @@ def _assemble_instances(scene: PlannedScene, spec: Any, classes: list[str], base
     try:
         fs, _ = filesystem(o.uri, o.storage_options)
         parts = []
-        for w in grid(h.width, h.height, t.size, t.overlap):
+        for w in grid(h.width, h.height, t.size, t.overlap, h.block):
             _, p = filesystem(part_uri(o.uri, scene.rel_key, w, "json"), o.storage_options)
             parts.append(bytes(call_with_retries(lambda: fs.cat_file(p), what=f"reading {p}")))  # noqa: B023
         labels, scores, polys = scene_objects(parts)
@@ -233,9 +237,16 @@ def _assemble_instances(scene: PlannedScene, spec: Any, classes: list[str], base
         crs = CRS.from_wkt(h.crs_wkt) if h.crs_wkt else None
         with tempfile.TemporaryDirectory(prefix="segbatch-scene-") as tmp:
             gpq = Path(tmp) / "polygons.parquet"
-            base["polygons"] = write_geoparquet(gpq, labels, world, crs, classes, scene.rel_key, scene.uri, scores)
+            base["polygons"] = write_geoparquet(gpq, labels, world, crs, classes, scene.rel_key, scene.uri, scores, instance_ids=True)
             poly_uri = join_uri(o.uri, POLYGONS, f"{scene.rel_key}.parquet")
             put_file(gpq, poly_uri, o.storage_options)
+            if o.instance_png:  # the objects as an instance-id COG: pixel value = the row's instance_id
+                from segbatch.geo.instances import write_instance_raster
+
+                raw, cog = Path(tmp) / "instances.tif", Path(tmp) / "instances-cog.tif"
+                write_instance_raster(h, polys, scores, raw, t.polygon_window)
+                to_cog(raw, cog, classes)
+                put_file(cog, join_uri(o.uri, INSTANCES, f"{scene.rel_key}.tif"), o.storage_options)
         base.update(status="ok", polygons_uri=poly_uri)
     except Exception as e:  # noqa: BLE001 - one scene's failure is its row
         logger.exception("%s: cannot assemble the scene", scene.uri)

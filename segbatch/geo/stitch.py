@@ -1,16 +1,17 @@
 """The scene write stage (CPU tasks): each window's core labels stored as a part; pixels dropped.
 
-Core-ownership stitching (the default, and for now the only mode): every output pixel comes from the
+Core-ownership stitching (`tiling.blend: core`, the default): every output pixel comes from the
 one window whose core owns it (:func:`segbatch.geo.windows.core_of`), so a window's part is its label
 map cropped to its core, with nodata pixels set to :data:`NODATA_LABEL`. Parts never overlap and need
 no accumulator: the scene is assembled later by copying each part into place
-(:mod:`segbatch.geo.cog`). Weighted blending of class probabilities would need the actor to return
-probabilities and a float accumulator per overlap strip; it is not implemented.
+(:mod:`segbatch.geo.cog`). With `tiling.blend: weighted` a window's part is instead its whole
+class-probability array and nodata mask (`.npz`, :func:`segbatch.geo.blend.encode_probs`), blended
+after the stream (:func:`segbatch.geo.blend.assemble_blended`).
 
 Instance jobs write, per window, the objects it owns (:func:`segbatch.geo.instances.owned`) as a JSON
 part (`parts/<rel_key>/<window key>.json`: the window and the objects' RLE masks in window pixels).
 
-Parts are PNG label maps (8 or 16 bit) at `parts/<rel_key>/<window key>.png` under the output;
+Parts (`core`) are PNG label maps (8 or 16 bit) at `parts/<rel_key>/<window key>.png` under the output;
 a window's row is committed (its `mask_uri` the part) only after its part exists, so the ledger's
 windows are exactly the parts a scene can be assembled from.
 """
@@ -70,6 +71,7 @@ class CoreWriter:
         self.storage_options = output.storage_options
         self.overlap = settings.overlap
         self.task = task
+        self.blend = settings.blend
         self.threads = threads
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -82,7 +84,8 @@ class CoreWriter:
 
         def write(i: int) -> tuple[int, str, Exception | None, int, np.ndarray]:
             w = Window(int(batch["col_off"][i]), int(batch["row_off"][i]), int(batch["win_width"][i]), int(batch["win_height"][i]))
-            uri = part_uri(self.output_uri, str(batch["rel_key"][i]), w, "json" if self.task == "instance" else "png")
+            ext = "json" if self.task == "instance" else "npz" if self.blend == "weighted" else "png"
+            uri = part_uri(self.output_uri, str(batch["rel_key"][i]), w, ext)
             counter = Retries()
             try:
                 if self.task == "instance":
@@ -101,7 +104,12 @@ class CoreWriter:
                 )
                 minlength = len(batch["class_pixels"][i])
                 pixels = np.bincount(core.ravel(), minlength=minlength)[:minlength].astype(np.int64)
-                data = encode_png_label_map(core)
+                if self.blend == "weighted":  # the whole window's probabilities, blended after the stream
+                    from segbatch.geo.blend import encode_probs
+
+                    data = encode_probs(batch["probs"][i], batch["nodata"][i])
+                else:
+                    data = encode_png_label_map(core)
                 _, path = filesystem(uri, self.storage_options)
                 call_with_retries(lambda: write_bytes_atomic(fs, path, data), counter=counter, what=f"writing {uri}")
                 return i, uri, None, counter.count, pixels
@@ -121,7 +129,7 @@ class CoreWriter:
                         mask_uri[i], counts[i] = uri, pixels
                     else:
                         rows.fail(i, "write_failed", f"{batch['uri'][i]}: cannot write part {uri}: {type(exc).__name__}: {exc}")
-        out = {k: v for k, v in batch.items() if k not in ("label_map", "image", "nodata")}
+        out = {k: v for k, v in batch.items() if k not in ("label_map", "image", "nodata", "probs")}
         out["retries"] = np.asarray(retries, dtype=np.int32)
         if self.task == "instance":  # the rows keep the objects their window owns (window pixels)
             out["instances"] = np.asarray([kept.get(i, "") for i in range(n)], dtype=object)

@@ -15,16 +15,23 @@ so core k ends where core k+1 begins (`k*s + size - b = (k+1)*s + a`), and the c
 exactly. A model whose receptive field reaches at most `a` pixels gives a core the same labels it
 would give on the whole scene (the seam-exactness property the tests check).
 
-Block alignment: when the step is a multiple of the file's internal block side (e.g. 512 - 0, or
-576 - 64 with 512 blocks... the step is what matters), every window starts on a block boundary and a
-window read fetches whole blocks only; :func:`aligned_size` suggests such a size.
+Block alignment (:func:`aligned_size`, applied by :func:`grid` per axis when the file has internal
+blocks): the step becomes the multiple of the block side nearest to `size - overlap` (at least one
+block) and the window widens (or narrows) to `step + overlap`, so every window starts on a block
+boundary and spans the fewest blocks a window of its side can (`m + 1` per axis for a step of `m`
+blocks, where an unaligned window of the same side usually spans `m + 2`). Used only when that window
+is within 25% of `size` (e.g. 512/64 on 512² or 256² blocks → 576-px windows, step 512; 256/32 on
+256² blocks → 288, step 256); otherwise, and for strip-organised files, the grid is the plain one
+above. The core formula is unchanged (it depends on the step and `overlap` only), so ownership stays
+exact. Fewer windows cover the scene: on a 4,096² COG with 512² blocks, 64 windows of 576 read 225
+blocks where 81 windows of 512 read 256 (`benchmarks/README.md`, "Scenes").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Window", "aligned_size", "core_of", "grid", "starts", "window_key"]
+__all__ = ["ALIGN_TOLERANCE", "Window", "aligned_size", "core_of", "grid", "starts", "window_key"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,16 +64,21 @@ def starts(n: int, size: int, overlap: int) -> list[int]:
     return out
 
 
-def grid(width: int, height: int, size: int, overlap: int) -> list[Window]:
-    """The scene's windows, row by row.
+def grid(width: int, height: int, size: int, overlap: int, block: tuple[int, int] | None = None) -> list[Window]:
+    """The scene's windows, row by row; `block` (height, width) of the file's internal tiles aligns
+    them (see the module docstring), None (strips, or no header) keeps the plain grid.
 
     Example:
         >>> [(w.col_off, w.width) for w in grid(600, 10, 256, 32)]
         [(0, 256), (224, 256), (448, 152)]
+        >>> [(w.col_off, w.width) for w in grid(600, 10, 256, 32, block=(256, 256))]
+        [(0, 288), (256, 288), (512, 88)]
     """
-    cols, rows = starts(width, size, overlap), starts(height, size, overlap)
+    size_y = aligned_size(size, overlap, block[0]) if block else size
+    size_x = aligned_size(size, overlap, block[1]) if block else size
+    cols, rows = starts(width, size_x, overlap), starts(height, size_y, overlap)
     return [
-        Window(c, r, min(size, width - c), min(size, height - r)) for r in rows for c in cols
+        Window(c, r, min(size_x, width - c), min(size_y, height - r)) for r in rows for c in cols
     ]
 
 
@@ -94,15 +106,21 @@ def window_key(window: Window) -> str:
     return f"c{window.col_off}_r{window.row_off}_w{window.width}_h{window.height}"
 
 
+#: Largest change of the window side block alignment may make, as a share of `tiling.size`.
+ALIGN_TOLERANCE = 0.25
+
+
 def aligned_size(size: int, overlap: int, block: int) -> int:
-    """The smallest size >= `size` whose step (`size - overlap`) is a multiple of `block`: windows then
-    start on the file's internal block boundaries.
+    """The window side whose step (`side - overlap`) is the multiple of `block` nearest to
+    `size - overlap` (at least one block), when it is within :data:`ALIGN_TOLERANCE` of `size`;
+    else `size` (the plain grid). Windows of that side start on the file's block boundaries.
 
     Example:
-        >>> aligned_size(512, 64, 256)
-        576
+        >>> aligned_size(512, 64, 512), aligned_size(512, 64, 256), aligned_size(256, 32, 512)
+        (576, 576, 256)
     """
     if block <= 0:
         return size
-    step = -(-(size - overlap) // block) * block
-    return step + overlap
+    blocks = max(1, int((size - overlap) / block + 0.5))
+    side = blocks * block + overlap
+    return side if abs(side - size) <= ALIGN_TOLERANCE * size else size

@@ -254,6 +254,9 @@ class Predictor:
         counts = torch.stack([torch.bincount(lab.flatten(), minlength=n_classes) for lab in labels])
         labels_np = labels.to(torch.int32).cpu().numpy().astype(self.label_dtype)
         counts_np = counts.cpu().numpy().astype(np.int64)
+        if self.settings.probabilities:  # scenes with tiling.blend: weighted blend these across windows
+            probs = logits.float().softmax(dim=1).to(torch.float16).cpu().numpy()
+            return [(labels_np[i], counts_np[i], probs[i]) for i in range(len(labels_np))]
         return [(labels_np[i], counts_np[i]) for i in range(len(labels_np))]
 
     @torch.inference_mode()
@@ -353,6 +356,8 @@ class Predictor:
             out["class_pixels"] = object_array(
                 [results[i][1] if i in results else np.zeros(0, np.int64) for i in range(n)]
             )
+            if self.settings.probabilities:
+                out["probs"] = object_array([results[i][2] if i in results else np.zeros((0, 0, 0), np.float16) for i in range(n)])
         else:
             out["instances"] = np.asarray(
                 [json.dumps(results[i][0], separators=(",", ":")) if i in results else "" for i in range(n)],
