@@ -22,6 +22,7 @@ import pytest
 from pycocotools import mask as mask_util
 
 import segbatch.export.items as items_module
+from segbatch.export.spill import ExternalSort
 from segbatch.export import export_output
 from segbatch.masks import encode_png_label_map
 from segbatch.outputs import METADATA_SCHEMA, SCHEMA_VERSION, latest_rows, read_rows
@@ -236,3 +237,34 @@ def test_spilled_exports_are_byte_identical(outputs: dict[str, Path], tmp_path: 
     for key in ("images", "annotations", "errors", "error_rows", "superseded"):
         assert spilled[key] == default[key]
     assert files == GOLDEN[f"{task}-{fmt}"], json.dumps({f"{task}-{fmt}": files})
+
+
+@pytest.mark.parametrize("keys", ["uniform", "crowded", "row numbers", "few values"])
+def test_external_sort_gives_every_record_back_in_order(tmp_path: Path, keys: str) -> None:
+    dtype = np.dtype([("k", "<u8"), ("t", "<i8"), ("row", "<u8")])
+    rng = np.random.default_rng(7)
+    n = 5000
+    records = np.zeros(n, dtype)
+    key_range = (0, 2**64 - 1)
+    if keys == "uniform":
+        records["k"] = rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2)
+    elif keys == "crowded":  # like review keys: 40 priorities in the high bits, row numbers below
+        records["k"] = ((np.uint64(0xC0000000) + rng.integers(0, 40, n).astype(np.uint64)) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
+    elif keys == "row numbers":
+        records["k"] = rng.permutation(n).astype(np.uint64)
+        key_range = (0, n - 1)
+    else:
+        records["k"] = rng.integers(0, 3, n).astype(np.uint64)
+    records["t"] = rng.integers(-5, 5, n)
+    records["row"] = np.arange(n)
+    with ExternalSort(dtype, ("k", "t", "row"), str(tmp_path / "sort"), max_records=16, key_range=key_range) as s:
+        for chunk in np.array_split(records, 37):
+            s.add(chunk)
+        assert list((tmp_path / "sort").rglob("*.bin"))  # it spilled
+        out = list(s.sorted())
+    assert not list((tmp_path / "sort").rglob("*.bin"))
+    got = np.concatenate(out)
+    assert (got == records[np.lexsort((records["row"], records["t"], records["k"]))]).all()
+    assert all(a["k"][-1] < b["k"][0] for a, b in zip(out, out[1:]))  # equal keys never split over arrays
+    if keys != "few values":
+        assert max(len(a) for a in out) <= 16

@@ -121,11 +121,11 @@ def export_output(
     if fmt not in FORMATS:
         raise JobError(f"--format expected one of {list(FORMATS)}, but got '{fmt}'")
     started = time.perf_counter()
-    selection = select(output_uri, storage_options, min_score=min_score)
-    _check_layer(selection, layer)
     dest = dest or join_uri(output_uri, EXPORTS, fmt)
     errors = ErrorTally()
     with Staging(dest, dest_storage_options, tmp) as staging:
+        selection = select(output_uri, storage_options, min_score=min_score, workdir=staging.scratch("select"))
+        _check_layer(selection, layer)
         if fmt == "labelstudio" and not polygons:
             from segbatch.export.labelstudio import _brush_encoder
 
