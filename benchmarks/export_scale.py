@@ -136,9 +136,6 @@ def measure(out: Path, fmt: str, dest: Path) -> dict[str, object]:
     """One export in this (fresh) process."""
     from segbatch.export import export_output
 
-    if fmt == "labelstudio":
-        import label_studio_sdk.converter.brush  # noqa: F401 - an import, not the export's memory
-
     def rss_mb() -> float:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -126,10 +126,6 @@ def export_output(
     with Staging(dest, dest_storage_options, tmp) as staging:
         selection = select(output_uri, storage_options, min_score=min_score, workdir=staging.scratch("select"))
         _check_layer(selection, layer)
-        if fmt == "labelstudio" and not polygons:
-            from segbatch.export.labelstudio import _brush_encoder
-
-            _brush_encoder()  # a missing extra fails before the passes
         review = _ReviewLog(staging.path(REVIEW_NAME))
         items = review.tee(
             in_review_order(iter_items(selection, errors=errors), selection.images, staging.scratch("sort"))

