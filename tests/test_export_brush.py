@@ -39,6 +39,7 @@ def test_brush_rle_is_label_studio_sdks_byte_for_byte_and_decodes_pixel_exact() 
     for m in masks:
         ours = encode_brush(m)
         assert ours == mask2rle(m), m.shape
+        assert encode_brush(m == 255) == ours  # bool masks (as exports pass them) are written as 0/255
         lengths.add(len(ours) % 8)
         pixels = decode_rle(ours).reshape(*m.shape, 4)
         assert (pixels[:, :, 3] == m).all()

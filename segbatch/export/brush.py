@@ -24,37 +24,41 @@ __all__ = ["encode_brush"]
 
 _HEADER_CODES = (7, 0b0010_0011_0111_1111)  # word size 8 − 1; field sizes 3, 4, 8, 16 less one
 _PIECE = 65536
+#: Per token kind (run of 1, 2..8, 9..16, 17..256, longer): the leading bits in place, and the width.
+_LEAD = np.array([0, 0b100 << 11, 0b101 << 12, 0b110 << 16, 0b111 << 24], np.uint64)
+_WIDTH = np.array([14, 14, 15, 19, 27], np.int64)
+_KIND_EDGES = np.array([1, 8, 16, 256])
 
 
 def encode_brush(mask: np.ndarray) -> list[int]:
-    """Label Studio brush RLE of a 2-D uint8 mask (0/255 for a brush label), as a list of byte values."""
+    """Label Studio brush RLE of a 2-D mask, as a list of byte values.
+
+    `mask` is uint8 (the values as given: 0/255 for a brush label) or bool (written as 0/255).
+    """
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"expected a non-empty 2-D mask, but got shape {mask.shape}")
-    flat = np.ascontiguousarray(mask, dtype=np.uint8).ravel()
+    flat = np.ascontiguousarray(mask).ravel()
+    if flat.dtype != np.bool_:
+        flat = flat.astype(np.uint8, copy=False)
     ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]), flat.size - 1)
-    lengths = np.diff(np.append(-1, ends)).astype(np.int64) * 4  # each value 4 times (RGBA)
-    values = flat[ends].astype(np.uint64)
+    lengths = np.diff(ends, prepend=-1) * 4  # each value 4 times (RGBA)
+    values = flat[ends].astype(np.uint64) * np.uint64(255 if flat.dtype == np.bool_ else 1)
     long = lengths > 256
-    pieces = np.where(long, (lengths - 1) // _PIECE, 0) + 1
-    run = np.repeat(np.arange(lengths.size), pieces)
-    last = np.cumsum(pieces) - 1
-    n = np.full(run.size, _PIECE, np.int64)
-    n[last] = lengths - (pieces - 1) * _PIECE
-    long_t, value = long[run], values[run]
-    m = (n - 1).astype(np.uint64)
-    u = np.uint64
-    code = np.select(
-        [long_t, n == 1, n <= 8, n <= 16],
-        [(u(0b111) << u(24)) | (m << u(8)) | value, value, (u(0b100) << u(11)) | (m << u(8)) | value,
-         (u(0b101) << u(12)) | (m << u(8)) | value],
-        (u(0b110) << u(16)) | (m << u(8)) | value,
-    )
-    nbits = np.select([long_t, n <= 8, n <= 16], [27, 14, 15], 19)
-    codes = np.concatenate([np.array([flat.size * 4, *_HEADER_CODES], np.uint64), code.astype(np.uint64)])
-    widths = np.concatenate([np.array([32, 5, 16], np.int64), nbits.astype(np.int64)])
+    if not long.any():
+        n, value, kind = lengths, values, np.searchsorted(_KIND_EDGES, lengths)
+    else:  # long runs: in pieces of _PIECE, the last holding the rest
+        pieces = (lengths - 1) // _PIECE * long + 1
+        run = np.repeat(np.arange(lengths.size), pieces)
+        n = np.full(run.size, _PIECE, np.int64)
+        n[np.cumsum(pieces) - 1] = lengths - (pieces - 1) * _PIECE
+        value = values[run]
+        kind = np.where(long[run], 4, np.searchsorted(_KIND_EDGES, n))
+    code = _LEAD[kind] | ((n - 1).astype(np.uint64) << np.uint64(8)) | value
+    codes = np.concatenate([np.array([flat.size * 4, *_HEADER_CODES], np.uint64), code])
+    widths = np.concatenate([np.array([32, 5, 16], np.int64), _WIDTH[kind]])
     total = int(widths.sum())
-    token = np.repeat(np.arange(widths.size), widths)
-    shift = (np.repeat(np.cumsum(widths), widths) - 1 - np.arange(total)).astype(np.uint64)
-    bits = ((codes[token] >> shift) & u(1)).astype(np.uint8)
+    ends_at = np.cumsum(widths)
+    shift = (np.repeat(ends_at, widths) - 1 - np.arange(total)).astype(np.uint64)
+    bits = ((np.repeat(codes, widths) >> shift) & np.uint64(1)).astype(np.uint8)
     bits = np.concatenate([bits, np.zeros(8 - total % 8, np.uint8)])
     return np.packbits(bits).tolist()  # type: ignore[no-any-return]

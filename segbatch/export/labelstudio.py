@@ -29,7 +29,6 @@ from typing import Any
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
-import numpy as np
 
 from segbatch.export.brush import encode_brush
 from segbatch.export.dest import Staging
@@ -93,9 +92,9 @@ def _results(item: Item, selection: Selection, polygons: bool) -> list[dict[str,
                 out.append({"id": f"r{item.rank}-{k}-{j}", **base, "type": "polygonlabels",
                             "value": {"points": points, "closed": True, "polygonlabels": [name]}})
         else:
-            rle = encode_brush(mask.astype(np.uint8) * 255)
+            rle = encode_brush(mask)  # bool: written as 0/255
             out.append({"id": f"r{item.rank}-{k}", **base, "type": "brushlabels",
-                        "value": {"format": "rle", "rle": [int(v) for v in rle], "brushlabels": [name]}})
+                        "value": {"format": "rle", "rle": rle, "brushlabels": [name]}})
     return out
 
 
