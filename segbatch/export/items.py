@@ -16,8 +16,8 @@ commits meanwhile are left for the next export):
    a part and the sorts' buffers, whatever the number of rows.
 2. :func:`iter_items` reads whole parts again, with the decisions file alongside, and yields the kept
    ok rows as :class:`Item`, with their masks when asked: instance rows carry COCO RLE; semantic rows'
-   label-map PNGs (`mask_uri`) are read and split into one mask per class present. Error rows that won are counted (:class:`ErrorTally`),
-   never yielded.
+   label-map PNGs (`mask_uri`) are read and split into one mask per class present. Error rows that
+   won are counted (:class:`ErrorTally`), never yielded.
 
 :func:`in_review_order` then sorts items by rank through temporary bucket files (an external sort):
 memory holds one bucket of items, whatever the size of the output.
@@ -262,7 +262,7 @@ def _write_dense(sorted_chunks: Iterator[np.ndarray], rows: int, path: str) -> N
         for chunk in sorted_chunks:
             first = int(chunk["row"][0])
             fill(first)
-            span = int(chunk["row"][-1]) + 1 - first  # no more than the losers between winners plus the chunk
+            span = int(chunk["row"][-1]) + 1 - first  # the chunk's rows and the older commits among them
             for start in range(0, span, SPILL_RECORDS):
                 block = _unranked(min(SPILL_RECORDS, span - start))
                 inside = (chunk["row"] >= first + start) & (chunk["row"] < first + start + len(block))
