@@ -16,7 +16,7 @@ served through a connected source storage) or a `/data/local-files/?d=<path>` UR
 `data` also carries `rel_key`, `review_priority` and `review_rank`, which the Data Manager can sort
 by. One prediction per task: `model_version` = the output's fingerprint, `score` = the top score, and
 one result per object: `brushlabels` in Label Studio's brush RLE of the full image (0/255 values;
-:mod:`segbatch.export.brush`, byte for byte what `label_studio_sdk.converter.brush.mask2rle` gives, 15×
+:mod:`segbatch.export.brush`, byte for byte what `label_studio_sdk.converter.brush.mask2rle` gives, 7-15×
 faster) or `polygonlabels` in percent of the image's width and height.
 """
 
