@@ -5,14 +5,15 @@ metadata a job writes), `--part-rows` rows a part. Each ok row is a 256×256 ima
 masks (COCO RLE) are drawn from a pool of 256 generated shapes; 1% of rows are errors, and 0.5% of the
 images are committed a second time in a later part (the export must take the later row).
 
-Prints one JSON line per format:
+Prints one JSON line per format (`pass1`: pass 1 alone, `segbatch.export.items.select`):
   format, rows, images, annotations, seconds, images_per_s   the export, in a fresh process
+  cpu_seconds, images_per_cpu_s                               its CPU time (steadier than seconds on a shared machine)
   peak_rss_mb, baseline_rss_mb, peak_above_baseline_mb        that process's peak RSS, and after imports
   dest_mb                                                     size of what it wrote
 
 Compare N and 10×N: flat memory means peak_above_baseline_mb does not grow with N.
 
-Usage: python benchmarks/export_scale.py --rows 100000 [--formats coco cvat labelstudio] [--workdir /tmp/segbatch-export-scale]
+Usage: python benchmarks/export_scale.py --rows 100000 [--formats coco cvat labelstudio pass1] [--workdir /tmp/segbatch-export-scale]
 """
 
 from __future__ import annotations
@@ -132,24 +133,39 @@ def generate(work: Path, rows: int, part_rows: int) -> Path:
     return out
 
 
-def measure(out: Path, fmt: str, dest: Path) -> dict[str, object]:
-    """One export in this (fresh) process."""
-    from segbatch.export import export_output
+def _pass1(out: Path, dest: Path) -> dict[str, object]:
+    """Pass 1 alone (`segbatch.export.items.select`): the part of an export whose memory used to grow with rows."""
+    import tempfile
 
-    if fmt == "labelstudio":
-        import label_studio_sdk.converter.brush  # noqa: F401 - an import, not the export's memory
+    from segbatch.export.items import select
+
+    with tempfile.TemporaryDirectory(dir=dest.parent) as work:
+        sel = select(str(out), workdir=work)
+    return {"rows": sel.rows, "images": sel.images, "annotations": None, "error_rows": sel.errors,
+            "superseded": sel.superseded, "files": []}
+
+
+def measure(out: Path, fmt: str, dest: Path) -> dict[str, object]:
+    """One export (or, for `pass1`, pass 1 alone) in this (fresh) process."""
+    from segbatch.export import export_output
+    from segbatch.export.items import select  # noqa: F401 - an import, not the export's memory
 
     def rss_mb() -> float:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
     baseline = rss_mb()
     shutil.rmtree(dest, ignore_errors=True)
-    start = time.perf_counter()
-    summary = export_output(str(out), fmt, dest=str(dest), tmp=str(dest.parent))
-    elapsed = time.perf_counter() - start
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    start, cpu_start = time.perf_counter(), cpu()
+    summary = _pass1(out, dest) if fmt == "pass1" else export_output(str(out), fmt, dest=str(dest), tmp=str(dest.parent))
+    elapsed, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) if dest.exists() else 0
     shutil.rmtree(dest, ignore_errors=True)
     return {
         "format": fmt,
@@ -159,7 +175,9 @@ def measure(out: Path, fmt: str, dest: Path) -> dict[str, object]:
         "error_rows": summary["error_rows"],
         "superseded": summary["superseded"],
         "seconds": round(elapsed, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
         "images_per_s": round(summary["images"] / elapsed, 1),
+        "images_per_cpu_s": round(summary["images"] / cpu_seconds, 1),
         "peak_rss_mb": round(peak, 1),
         "baseline_rss_mb": round(baseline, 1),
         "peak_above_baseline_mb": round(peak - baseline, 1),

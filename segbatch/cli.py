@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from segbatch.errors import JobError
-from segbatch.preflight import check_storage, describe_storage_error, is_storage_error
+from segbatch.preflight import check_storage, describe_output_read_error, describe_storage_error, is_storage_error
 from segbatch.spec import JobSpec, SpecError, add_override_argument, load_job
 from segbatch.submit import add_submit_parser, cmd_submit
 
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _storage_error(output: str, e: Exception) -> JobError:
-    return JobError(f"cannot read the outputs under '{output}': {type(e).__name__}: {e}")
+    return JobError(describe_output_read_error(e, output))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -194,7 +194,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     except (JobError, SpecError):
         raise
     except Exception as e:  # noqa: BLE001 - a storage problem is one line, exit 1
-        raise JobError(f"cannot read the outputs under output.uri '{o.uri}': {type(e).__name__}: {e}") from None
+        raise JobError(describe_output_read_error(e, o.uri, o.storage_options)) from None
     with listing_errors(spec.input.uri):
         counts = count_plan(spec.input, ledger, tiling=spec.tiling, exclude_prefix=output_prefix(o.uri, o.storage_options))
     layers = [name for name, _ in spec.layer_jobs()] if spec.layered else None

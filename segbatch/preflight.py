@@ -36,6 +36,7 @@ __all__ = [
     "check_output",
     "check_storage",
     "check_weights",
+    "describe_output_read_error",
     "describe_storage_error",
     "is_storage_error",
 ]
@@ -165,8 +166,19 @@ def describe_storage_error(
     Looks through the exception's causes (s3fs turns botocore's errors into OSErrors and keeps the
     original as the cause), so the same wording comes out whichever layer raised.
     """
+    return _describe(error, key, uri, storage_options, writing=writing, where=f"{key} '{uri}'")
+
+
+def describe_output_read_error(error: BaseException, uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """One line for an output folder that cannot be read, the same from every command that reads one
+    (`plan` reading the ledger, `export`, `report`): `cannot read the outputs under 'uri': problem: fix`."""
+    return _describe(error, "output.uri", uri, storage_options, writing=False, where=f"cannot read the outputs under '{uri}'")
+
+
+def _describe(
+    error: BaseException, key: str, uri: str, storage_options: dict[str, Any] | None, *, writing: bool, where: str
+) -> str:
     options = storage_options or {}
-    where = f"{key} '{uri}'"
     chain = list(exception_chain(error))
     codes = {c for c in (_error_code(e) for e in chain) if c}
     text = " ".join(str(e) for e in chain).lower()

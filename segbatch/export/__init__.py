@@ -115,7 +115,6 @@ def export_output(
         raise JobError(f"--format expected one of {list(FORMATS)}, but got '{fmt}'")
     started = time.perf_counter()
     output_uri = layer_output(output_uri, storage_options, layer)
-    selection = select(output_uri, storage_options, min_score=min_score)
     dest = dest or join_uri(output_uri, EXPORTS, fmt)
     errors = ErrorTally()
     with Staging(dest, dest_storage_options, tmp) as staging:
@@ -123,6 +122,7 @@ def export_output(
             from segbatch.export.labelstudio import _brush_encoder
 
             _brush_encoder()  # a missing extra fails before the passes
+        selection = select(output_uri, storage_options, min_score=min_score, workdir=staging.scratch("select"))
         review = _ReviewLog(staging.path(REVIEW_NAME))
         items = review.tee(
             in_review_order(iter_items(selection, errors=errors), selection.images, staging.scratch("sort"))

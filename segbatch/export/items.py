@@ -5,16 +5,19 @@ Exports never re-run a model and never hold an output in memory. They read the c
 commits meanwhile are left for the next export):
 
 1. :func:`select` reads `uri`, `status`, `committed_at`, `class_pixels` and `instances`, part by part,
-   and keeps three numbers a row: a 64-bit hash of the URI, the commit time and the row's
-   `review_priority` (:mod:`segbatch.export.priority`): 20 bytes a row, no strings (1M rows: 20 MB;
-   sorting them needs about as much again, and the ranks kept for pass 2 take 4 bytes a row).
-   From them it picks the latest row per URI (the rule of :func:`segbatch.outputs.latest_rows`: a
-   rerun or `--force` commits an item again; the newest wins, ties to the row read later) and gives
-   every kept ok row its rank in review order (priority descending, then commit order).
-2. :func:`iter_items` reads whole parts again and yields the kept ok rows as :class:`Item`, with their
-   masks when asked: instance rows carry COCO RLE; semantic rows' label-map PNGs (`mask_uri`) are read
-   and split into one mask per class present. Error rows that won are counted (:class:`ErrorTally`),
-   never yielded.
+   and makes one 29-byte record a row: a 64-bit hash of the URI, the commit time, the row number and
+   the row's `review_priority` (:mod:`segbatch.export.priority`), no strings. Three external sorts
+   (:mod:`segbatch.export.spill`, bucket files in a local `workdir`, at most :data:`SPILL_RECORDS`
+   records in memory each) then (a) group the records by URI hash in commit order, so the latest row
+   of each URI wins (the rule of :func:`segbatch.outputs.latest_rows`: a rerun or `--force` commits
+   an item again; the newest wins, ties to the row read later); (b) put the ok winners in review order
+   (priority descending, then commit order), which numbers their ranks; (c) put those ranks, and the
+   error winners, back in row order, written as one 12-byte record a row (`decisions.bin`). Memory is
+   a part and the sorts' buffers, whatever the number of rows.
+2. :func:`iter_items` reads whole parts again, with the decisions file alongside, and yields the kept
+   ok rows as :class:`Item`, with their masks when asked: instance rows carry COCO RLE; semantic rows'
+   label-map PNGs (`mask_uri`) are read and split into one mask per class present. Error rows that
+   won are counted (:class:`ErrorTally`), never yielded.
 
 :func:`in_review_order` then sorts items by rank through temporary bucket files (an external sort):
 memory holds one bucket of items, whatever the size of the output.
@@ -43,6 +46,7 @@ from pycocotools import mask as mask_util
 
 from segbatch.errors import JobError
 from segbatch.export.priority import TINY_AREA, review_priority
+from segbatch.export.spill import MAX_RECORDS, ExternalSort
 from segbatch.masks import decode_png_label_map
 from segbatch.outputs import METADATA, file_metadata, hash64, iter_parts, metadata_parts, output_classes, output_task
 from segbatch.storage import filesystem
@@ -69,6 +73,18 @@ MAX_ERROR_EXAMPLES = 200
 ERROR_RANK = -2
 #: Rows turned into Python objects at a time in pass 2 (a part may hold many more).
 ROWS_PER_BATCH = 1024
+#: Pass 1's records held in memory per sort before it spills to bucket files (:mod:`segbatch.export.spill`).
+SPILL_RECORDS = MAX_RECORDS
+#: Row numbers share a 64-bit sort key with the priority's 32 bits (:func:`_review_keys`).
+_MAX_ROWS = 2**32 - 1
+#: Pass 1's record of a row: URI hash, commit time (ms), row number, ok, review priority (29 bytes).
+_ROW = np.dtype([("h", "<u8"), ("t", "<i8"), ("row", "<u8"), ("ok", "?"), ("prio", "<f4")])
+#: A review-order key (:func:`_review_keys`).
+_KEY = np.dtype([("k", "<u8")])
+#: A decision about one row that an export takes or counts: its review rank (or ERROR_RANK) and priority.
+_DECISION = np.dtype([("row", "<u8"), ("rank", "<i8"), ("prio", "<f4")])
+#: The decisions file pass 2 reads: one record per row, in row order.
+_DENSE = np.dtype([("rank", "<i8"), ("prio", "<f4")])
 
 
 @dataclass(slots=True)
@@ -116,8 +132,10 @@ class Item:
 class Selection:
     """What :func:`select` decided: which rows an export takes, and their ranks.
 
-    `rank[i]` is the review rank of global row i (parts in order, rows in order); -1 for an older
-    commit of the same URI, :data:`ERROR_RANK` for the latest row of a URI when it is an error.
+    `decisions` is a local file of one :data:`_DENSE` record per global row (parts in order, rows in
+    order): the row's review rank and priority; rank -1 for an older commit of the same URI,
+    :data:`ERROR_RANK` for the latest row of a URI when it is an error. It lives in :func:`select`'s
+    `workdir`.
     """
 
     output_uri: str
@@ -126,8 +144,7 @@ class Selection:
     task: str
     classes: list[str]
     min_score: float
-    rank: np.ndarray
-    priority: np.ndarray
+    decisions: str
     rows: int
     images: int
     errors: int
@@ -198,8 +215,73 @@ def _row_stats(part: pa.Table, task: str, min_score: float) -> tuple[np.ndarray,
     return top, objects, tiny, int(position[present].max()) if present.any() else 0
 
 
-def select(output_uri: str, storage_options: dict[str, Any] | None = None, *, min_score: float = 0.0) -> Selection:
+def _row_records(part: pa.Table, offset: int, task: str, min_score: float) -> tuple[np.ndarray, int]:
+    """Pass 1's record of each row of a part (:data:`_ROW`), and the largest label seen."""
+    n = part.num_rows
+    rec = np.empty(n, _ROW)
+    rec["h"] = hash64(part["uri"])
+    rec["t"] = pc.fill_null(part["committed_at"].cast(pa.int64()), 0).to_numpy()
+    rec["row"] = np.arange(offset, offset + n, dtype=np.uint64)
+    rec["ok"] = pc.fill_null(pc.equal(part["status"], "ok"), False).to_numpy(zero_copy_only=False)
+    top, objects, tiny, seen = _row_stats(part, task, min_score)
+    gap = pc.fill_null(part["layer_disagreement"], 0.0).to_numpy(zero_copy_only=False)
+    rec["prio"] = review_priority(top, objects, tiny, gap)
+    return rec, seen
+
+
+def _review_keys(rows: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """uint64 keys that sort as review order: priority descending (its float32 bits, which order as the
+    values do for numbers >= 0), then row number ascending (the low 32 bits)."""
+    bits = np.abs(priority.astype(np.float32)).view(np.uint32).astype(np.uint64)
+    return ((np.uint64(0xFFFFFFFF) - bits) << np.uint64(32)) | rows
+
+
+def _decisions(rows: np.ndarray, rank: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    out = np.empty(len(rows), _DECISION)
+    out["row"], out["rank"], out["prio"] = rows, rank, priority
+    return out
+
+
+def _unranked(count: int) -> np.ndarray:
+    out = np.zeros(count, _DENSE)
+    out["rank"] = -1
+    return out
+
+
+def _write_dense(sorted_chunks: Iterator[np.ndarray], rows: int, path: str) -> None:
+    """The decisions (sorted by row) as one :data:`_DENSE` record per row, rows without one ranked -1."""
+    done = 0
+    with open(path, "wb") as f:
+
+        def fill(upto: int) -> None:
+            nonlocal done
+            while done < upto:
+                k = min(upto - done, SPILL_RECORDS)
+                f.write(_unranked(k).data)
+                done += k
+
+        for chunk in sorted_chunks:
+            first = int(chunk["row"][0])
+            fill(first)
+            span = int(chunk["row"][-1]) + 1 - first  # the chunk's rows and the older commits among them
+            for start in range(0, span, SPILL_RECORDS):
+                block = _unranked(min(SPILL_RECORDS, span - start))
+                inside = (chunk["row"] >= first + start) & (chunk["row"] < first + start + len(block))
+                at = (chunk["row"][inside] - np.uint64(first + start)).astype(np.intp)
+                block["rank"][at] = chunk["rank"][inside]
+                block["prio"][at] = chunk["prio"][inside]
+                f.write(block.data)
+            done = first + span
+        fill(rows)
+
+
+def select(
+    output_uri: str, storage_options: dict[str, Any] | None = None, *, min_score: float = 0.0, workdir: str
+) -> Selection:
     """Pass 1: which committed rows an export takes, and in which review order (see the module docstring).
+
+    Args:
+        workdir: a local folder for the spill files and the decisions pass 2 reads (the caller removes it).
 
     Raises:
         JobError: nothing committed under `output_uri`, or rows of more than one task.
@@ -214,41 +296,45 @@ def select(output_uri: str, storage_options: dict[str, Any] | None = None, *, mi
     task = output_task(meta) or ""
     if task not in ("semantic", "instance"):
         raise JobError(f"expected an output of task 'semantic' or 'instance', but '{output_uri}' says {task!r}")
-    hashes: list[np.ndarray] = []
-    times: list[np.ndarray] = []
-    ok: list[np.ndarray] = []
-    prio: list[np.ndarray] = []
-    max_label = 0
-    for part in iter_parts(output_uri, storage_options, _SELECT_COLUMNS, parts=parts):
-        hashes.append(hash64(part["uri"]))
-        stamp = pc.fill_null(part["committed_at"].cast(pa.int64()), 0)
-        times.append(stamp.to_numpy().astype(np.int64))
-        ok.append(pc.fill_null(pc.equal(part["status"], "ok"), False).to_numpy(zero_copy_only=False))
-        top, objects, tiny, seen = _row_stats(part, task, min_score)
-        max_label = max(max_label, seen)
-        gap = pc.fill_null(part["layer_disagreement"], 0.0).to_numpy(zero_copy_only=False)
-        prio.append(review_priority(top, objects, tiny, gap))
-    h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-    n = int(h.size)
-    if n == 0:
-        raise JobError(f"the output '{output_uri}' has metadata parts but no rows: nothing to export")
-    t = np.concatenate(times)
-    is_ok = np.concatenate(ok)
-    priority = np.concatenate(prio)
-    del hashes, times, ok, prio
-    order = np.lexsort((t, h))  # by URI hash, then commit time; stable, so ties keep read order: the last wins
-    sorted_h = h[order]
-    last = np.ones(n, dtype=bool)
-    last[:-1] = sorted_h[:-1] != sorted_h[1:]
-    winner = np.zeros(n, dtype=bool)
-    winner[order[last]] = True
-    del order, sorted_h, last, t, h
-    exported = np.flatnonzero(winner & is_ok)
-    by_priority = np.lexsort((exported, -priority[exported].astype(np.float64)))
-    rank = np.full(n, -1, dtype=np.int32 if n < 2**31 else np.int64)
-    rank[exported[by_priority]] = np.arange(exported.size, dtype=rank.dtype)
-    rank[winner & ~is_ok] = ERROR_RANK
-    errors = int((winner & ~is_ok).sum())
+    os.makedirs(workdir, exist_ok=True)
+    n = max_label = 0
+    with ExternalSort(_ROW, ("h", "t", "row"), os.path.join(workdir, "by-uri"), max_records=SPILL_RECORDS) as by_uri:
+        for part in iter_parts(output_uri, storage_options, _SELECT_COLUMNS, parts=parts):
+            records, seen = _row_records(part, n, task, min_score)
+            max_label = max(max_label, seen)
+            by_uri.add(records)
+            n += len(records)
+        if n == 0:
+            raise JobError(f"the output '{output_uri}' has metadata parts but no rows: nothing to export")
+        if n > _MAX_ROWS:
+            raise JobError(f"the output '{output_uri}' has {n} metadata rows; exports take at most {_MAX_ROWS}")
+        by_review = ExternalSort(_KEY, ("k",), os.path.join(workdir, "by-review"), max_records=SPILL_RECORDS)
+        by_row = ExternalSort(_DECISION, ("row",), os.path.join(workdir, "by-row"), max_records=SPILL_RECORDS,
+                              key_range=(0, n - 1))
+        winners = errors = 0
+        # Sorted by URI hash, then commit time, then read order: the last row of each hash wins.
+        for chunk in by_uri.sorted():
+            last = np.ones(len(chunk), dtype=bool)
+            last[:-1] = chunk["h"][:-1] != chunk["h"][1:]
+            won = chunk[last]
+            winners += len(won)
+            bad = won[~won["ok"]]
+            errors += len(bad)
+            by_row.add(_decisions(bad["row"], np.full(len(bad), ERROR_RANK), bad["prio"]))
+            good = won[won["ok"]]
+            keys = np.empty(len(good), _KEY)
+            keys["k"] = _review_keys(good["row"], good["prio"])
+            by_review.add(keys)
+    with by_review, by_row:
+        images = 0
+        for chunk in by_review.sorted():
+            keys = chunk["k"]
+            priority = (np.uint64(0xFFFFFFFF) - (keys >> np.uint64(32))).astype(np.uint32).view(np.float32)
+            ranks = np.arange(images, images + len(keys), dtype=np.int64)
+            by_row.add(_decisions(keys & np.uint64(0xFFFFFFFF), ranks, priority))
+            images += len(keys)
+        decisions = os.path.join(workdir, "decisions.bin")
+        _write_dense(by_row.sorted(), n, decisions)
     return Selection(
         output_uri=output_uri,
         storage_options=storage_options,
@@ -256,12 +342,11 @@ def select(output_uri: str, storage_options: dict[str, Any] | None = None, *, mi
         task=task,
         classes=output_classes(meta),
         min_score=min_score,
-        rank=rank,
-        priority=priority,
+        decisions=decisions,
         rows=n,
-        images=int(exported.size),
+        images=images,
         errors=errors,
-        superseded=int(n - winner.sum()),
+        superseded=n - winners,
         max_label=max_label,
     )
 
@@ -303,13 +388,18 @@ def _semantic_objects(row: dict[str, Any], storage_options: dict[str, Any] | Non
 
 
 def _row_batches(selection: Selection) -> Iterator[tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]]:
-    """(ranks, priorities, rows as dicts) for ROWS_PER_BATCH rows at a time, over the selected parts."""
-    offset = 0
-    for part in iter_parts(selection.output_uri, selection.storage_options, parts=selection.parts):
-        for batch in part.to_batches(max_chunksize=ROWS_PER_BATCH):
-            n = batch.num_rows
-            yield selection.rank[offset : offset + n], selection.priority[offset : offset + n], batch.to_pylist()
-            offset += n
+    """(ranks, priorities, rows as dicts) for ROWS_PER_BATCH rows at a time, over the selected parts.
+
+    The decisions file holds one record per row in the same order, so it is read alongside.
+    """
+    with open(selection.decisions, "rb") as f:
+        for part in iter_parts(selection.output_uri, selection.storage_options, parts=selection.parts):
+            for batch in part.to_batches(max_chunksize=ROWS_PER_BATCH):
+                n = batch.num_rows
+                decided = np.frombuffer(f.read(n * _DENSE.itemsize), _DENSE)
+                if len(decided) != n:
+                    raise JobError(f"the parts under '{selection.output_uri}' changed between the export's two passes")
+                yield decided["rank"], decided["prio"], batch.to_pylist()
 
 
 def iter_items(

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import re
+import tempfile
 from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
@@ -169,7 +170,6 @@ def write_report_html(
         JobError: nothing committed under `output_uri`, or no such layer.
     """
     output_uri = layer_output(output_uri, storage_options, layer)
-    selection = select(output_uri, storage_options, min_score=min_score)
     dest = dest or join_uri(output_uri, REPORT)
     errors = ErrorTally()
     objects: Counter[int] = Counter()
@@ -178,17 +178,19 @@ def write_report_html(
     hist = np.zeros(_BINS, np.int64)
     shown: list[Item] = []
     model = fingerprint = ""
-    for item in iter_items(selection, masks=lambda r: r < gallery, errors=errors):
-        model, fingerprint = item.model, item.fingerprint
-        for label in {o.label for o in item.objects}:
-            images_with[label] += 1
-        for o in item.objects:
-            objects[o.label] += 1
-            if o.score is not None:
-                score_sum[o.label] += o.score  # type: ignore[assignment]
-                hist[min(int(o.score * _BINS), _BINS - 1)] += 1
-        if item.rank < gallery:
-            shown.append(item)
+    with tempfile.TemporaryDirectory(prefix="segbatch-report-") as work:
+        selection = select(output_uri, storage_options, min_score=min_score, workdir=work)
+        for item in iter_items(selection, masks=lambda r: r < gallery, errors=errors):
+            model, fingerprint = item.model, item.fingerprint
+            for label in {o.label for o in item.objects}:
+                images_with[label] += 1
+            for o in item.objects:
+                objects[o.label] += 1
+                if o.score is not None:
+                    score_sum[o.label] += o.score  # type: ignore[assignment]
+                    hist[min(int(o.score * _BINS), _BINS - 1)] += 1
+            if item.rank < gallery:
+                shown.append(item)
     shown.sort(key=lambda it: it.rank)
     with Staging(dest, dest_storage_options) as staging:
         cards = []
