@@ -119,19 +119,20 @@ METADATA_SCHEMA = pa.schema(
 
 def layer_names(output_uri: str, storage_options: dict[str, Any] | None) -> list[str]:
     """The layers of a several-model job's output (folders holding a `metadata/` folder), sorted; [] for a
-    one-model output (which has its own `metadata/`)."""
+    one-model output (which has its own `metadata/`) or a folder that does not exist.
+
+    A listing first (not a HEAD request): a storage problem then reads as every other reader words it.
+    """
     fs, root = filesystem(output_uri, storage_options)
     root = root.rstrip("/")
-    if call_with_retries(lambda: fs.exists(f"{root}/{METADATA}"), what=f"reading {output_uri}"):
-        return []
     try:
         entries = call_with_retries(lambda: fs.ls(root, detail=True), what=f"listing {output_uri}")
     except FileNotFoundError:
         return []
-    folders = [e["name"].rstrip("/") for e in entries if e.get("type") == "directory"]
-    return sorted(
-        f.rsplit("/", 1)[-1] for f in folders if f.rsplit("/", 1)[-1] != RUNS and fs.exists(f"{f}/{METADATA}")
-    )
+    folders = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["name"].rstrip("/") for e in entries if e.get("type") == "directory"}
+    if METADATA in folders:
+        return []
+    return sorted(name for name, path in folders.items() if name != RUNS and fs.exists(f"{path}/{METADATA}"))
 
 
 def layer_output(output_uri: str, storage_options: dict[str, Any] | None, layer: str | None) -> str:

@@ -105,6 +105,7 @@ def _write_part(out: Path, task: str, seq: int, idx: list[int], when: datetime, 
             "num_instances": [None if e else len(x or []) for e, x in zip(errors, instances)],
             "instances": instances,
             "committed_at": [when] * n,
+            "layer_disagreement": [None] * n,  # a one-model output
         },
         schema=METADATA_SCHEMA.with_metadata(meta),
     )
