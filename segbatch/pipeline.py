@@ -2,8 +2,8 @@
 
 A run goes through four phases, each a function below, handing on one :class:`JobRun`:
 
-    prepare  (driver)  weights digest, ledger, plan pages; the model built only if there is work
-    stream   (cluster) read plan → load → predict → write → commit  load, models.Predictor, sinks
+    prepare  (driver)  weights digest, ledger, plan pages (no torch)
+    stream   (cluster) model proved in a worker; read plan → load → predict → write → commit  load, models, sinks
     after    (driver)  steps that need every item committed (`after_stream`: e.g. finish a scene)
     finish   (driver)  counts, timings, run manifest
 """
@@ -38,8 +38,8 @@ from segbatch.sinks import Committer, new_run_id, rows_to_table, write_batch
 from segbatch.spec import JobSpec
 from segbatch.storage import filesystem, write_bytes_atomic
 
-if TYPE_CHECKING:  # torch comes in only when there is work: see _prepare
-    from segbatch.models.weights import ResolvedWeights
+if TYPE_CHECKING:
+    from segbatch.models.source import ResolvedWeights
 
 __all__ = ["AfterStream", "JobRun", "RunResult", "build_dataset", "load_block_rows", "result_dict", "run_job"]
 
@@ -55,7 +55,7 @@ class JobRun:
     started: float
     result: RunResult
     read: WeightsBytes  # the weights' bytes and digest (torch-free)
-    weights: ResolvedWeights | None  # built and verified; None when there is nothing to process
+    weights: ResolvedWeights | None  # built and verified (in a worker, by _stream); None when nothing was processed
     fingerprint: str
     plan: Plan
     committer: Committer
@@ -203,7 +203,7 @@ def build_dataset(spec: JobSpec, plan: Plan, weights: ResolvedWeights, layout: A
     """The Ray Data plan: plan pages → load (tasks) → predict (actor pool) → write (tasks)."""
     import ray
 
-    from segbatch.models.predictor import Predictor
+    from segbatch.models.remote import PredictStage  # the predictor (torch) is imported in the actor
 
     c, m = spec.compute, spec.model
     todo = plan.counts.todo
@@ -232,7 +232,7 @@ def build_dataset(spec: JobSpec, plan: Plan, weights: ResolvedWeights, layout: A
         {"size": c.actors} if isinstance(c.actors, int) else {"min_size": c.actors[0], "max_size": c.actors[1]}
     )
     ds = ds.map_batches(
-        Predictor,
+        PredictStage,
         batch_size=m.batch_size,
         num_cpus=c.cpus_per_actor,
         num_gpus=c.gpus_per_actor,
@@ -295,8 +295,7 @@ def run_job(
 
 
 def _prepare(spec: JobSpec, force: bool) -> JobRun:
-    """The weights' digest, the ledger, the plan written as pages; then, only if there is work, the model
-    built once to prove the weights fit it (before Ray starts)."""
+    """The weights' digest, the ledger, the plan written as pages (no torch: the model is proved in _stream)."""
     started = time.time()
     run_id = new_run_id()
     result = RunResult(run_id=run_id, output_uri=spec.output.uri, manifest_uri=manifest_uri(spec.output.uri, run_id))
@@ -320,33 +319,35 @@ def _prepare(spec: JobSpec, force: bool) -> JobRun:
     if c.excluded:
         logger.warning("left out %d objects under output.uri '%s': it lies inside input.uri", c.excluded, o.uri)
     logger.info("planned %d items (%d listed, %d already done)", c.todo, c.listed, c.skipped)
-    weights = None
-    if c.todo:  # build the model once and prove the weights fit it, before Ray starts
-        from segbatch.models.weights import resolve_weights
+    committer = Committer(o, run_id, _file_metadata(spec, None))
+    return JobRun(spec, run_id, started, result, read, None, fingerprint, plan, committer)
 
-        weights = resolve_weights(spec.model, read)
+
+def _file_metadata(spec: JobSpec, weights: ResolvedWeights | None) -> dict[str, str]:
     classes = weights.classes if weights is not None else spec.model.classes
-    file_metadata = {"segbatch.classes": json.dumps(list(classes) if classes else None), "segbatch.task": spec.model.task}
-    committer = Committer(o, run_id, file_metadata)
-    return JobRun(spec, run_id, started, result, read, weights, fingerprint, plan, committer)
+    return {"segbatch.classes": json.dumps(list(classes) if classes else None), "segbatch.task": spec.model.task}
 
 
 def _stream(run: JobRun, progress: TextIO | None) -> None:
-    """Start (or join) Ray, decide the actor layout, stream the plan through the stages and commit;
+    """Start (or join) Ray, prove the weights fit the model in a worker (the driver never imports torch:
+    :mod:`segbatch.models.remote`), decide the actor layout, stream the plan through the stages and commit;
     images done / planned are shown on `progress` (nowhere when None)."""
+    from segbatch.models.remote import resolve_on_cluster
+
     spec, result = run.spec, run.result
-    assert run.weights is not None  # resolved in _prepare whenever there is work
-    constants = {
-        "task": spec.model.task,
-        "model": run.weights.arch,
-        "weights_sha256": run.weights.sha256,
-        "fingerprint": run.fingerprint,
-        "run_id": run.run_id,
-    }
     stream_start = time.time()
     started_ray = _ensure_ray(spec)
     try:
         _check_resources(spec, started_ray)
+        run.weights = resolve_on_cluster(spec.model, run.read)
+        run.committer.file_metadata.update(_file_metadata(spec, run.weights))
+        constants = {
+            "task": spec.model.task,
+            "model": run.weights.arch,
+            "weights_sha256": run.weights.sha256,
+            "fingerprint": run.fingerprint,
+            "run_id": run.run_id,
+        }
         run.layout = decide_layout(spec.compute, _one_node_cpus())
         logger.info("predict actors: %s, %s each", spec.compute.actors, run.layout.describe())
         ds = build_dataset(spec, run.plan, run.weights, run.layout)
