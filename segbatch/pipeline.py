@@ -213,12 +213,18 @@ def build_dataset(spec: JobSpec, plan: Plan, weights: ResolvedWeights, layout: A
     load_kwargs: dict[str, Any] = {"settings": spec.load_settings()}
     write_fn: Callable[..., Any] = write_batch
     write_kwargs: dict[str, Any] = {"output": spec.output, "task": m.task}
+    write_pool: dict[str, Any] = {}
     if spec.tiling is not None:  # scenes: windows read by ranges, cores written as parts
         from segbatch.geo.read import load_windows
         from segbatch.geo.stitch import write_cores
 
         load_fn, load_kwargs = load_windows, {"settings": spec.scene_settings()}
         write_fn, write_kwargs = write_cores, {"output": spec.output, "settings": spec.scene_settings(), "task": m.task}
+        # Each task worker process holds ~160 MB (Ray, pyarrow, rasterio) and stays while its stage is busy;
+        # a window's core is one small PNG, so one write task per predict stream keeps up, where the 0.25-CPU
+        # request alone lets four run per free core (benchmarks/README.md, "Scenes").
+        streams = (c.actors if isinstance(c.actors, int) else c.actors[1]) * layout.streams
+        write_pool = {"compute": ray.data.TaskPoolStrategy(size=streams)}
     ds = ds.map_batches(
         load_fn,
         batch_size=load_rows,
@@ -253,6 +259,7 @@ def build_dataset(spec: JobSpec, plan: Plan, weights: ResolvedWeights, layout: A
         batch_size=load_rows,  # bundles small predict blocks (batch_size 1 makes 1-row blocks): fewer tasks
         num_cpus=0.25,
         fn_kwargs=write_kwargs,
+        **write_pool,
     )
 
 
