@@ -17,7 +17,7 @@ from segbatch.errors import JobError
 from segbatch.models.source import ResolvedWeights, WeightsBytes
 from segbatch.spec import ModelSpec
 
-__all__ = ["PredictStage", "resolve_on_cluster"]
+__all__ = ["PredictStage", "fix_mmap_threshold", "resolve_on_cluster"]
 
 
 def _resolve(spec: ModelSpec, read: WeightsBytes) -> ResolvedWeights:
@@ -45,14 +45,38 @@ def resolve_on_cluster(spec: ModelSpec, read: WeightsBytes) -> ResolvedWeights:
     return replace(resolved, payload=read.payload)
 
 
+#: glibc's `mallopt` parameter number of M_MMAP_THRESHOLD, and the value it starts with (128 KiB).
+_M_MMAP_THRESHOLD, _MMAP_THRESHOLD = -3, 128 * 1024
+
+
+def fix_mmap_threshold() -> bool:
+    """Keep glibc's mmap threshold at 128 KiB in this process, so large freed blocks go back to the OS.
+
+    glibc raises the threshold to the size of the largest mmapped block freed (up to 32 MiB); after the
+    first batch, activations of tens of MB come from malloc's arenas (one per calling thread) and are kept
+    there once freed. A predict actor grew by 300-450 MB PSS over a scene job that way, by how its
+    threads happened to allocate (`benchmarks/README.md`, "Scenes"). Returns False where libc is not
+    glibc (macOS, musl): nothing is changed there.
+    """
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 class PredictStage:
-    """The predict actor for Ray Data: :class:`segbatch.models.predictor.Predictor`, imported in the actor.
+    """The predict actor for Ray Data: :class:`segbatch.models.predictor.Predictor`, imported in the actor
+    (whose process gets :func:`fix_mmap_threshold`).
 
     Takes the predictor's constructor arguments; called with a batch, as the predictor is.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         from segbatch.models.predictor import Predictor
+
+        fix_mmap_threshold()
 
         self._predictor = Predictor(**kwargs)
 
