@@ -10,7 +10,8 @@ Figures by role (driver; Ray workers running segbatch, `ray::…`; Ray's own pro
 once per worker). `at_segbatch_pss_peak_mb`: what made up the peak of the driver and the Ray workers
 together (the driver, and each worker kind as `<kind> x<count>`, by the name Ray gives the process:
 `MapBatches(load_windows)`, `MapWorker(MapBatches(PredictStage))`, Ray Data's own actors, `IDLE`);
-`most_alive_at_once`: the most processes of each kind seen at one sample.
+`most_alive_at_once`: the most processes of each kind seen at one sample; `actor_pss_by_tenth_mb`: the
+predict actor's peak PSS in each tenth of its life (whether it grows with the windows done).
 
 The model is a cheap fixed convolution (`tests.probe_models:color_probe`, run with the repository root
 on PYTHONPATH) by default: the figure is about the pipeline (windows, parts, COG, polygons), not the model.
@@ -72,6 +73,7 @@ class PeakByRole(PeakRss):
         self.peaks: dict[str, int] = {}
         self.at_peak: dict[str, int] = {}
         self.most: dict[str, int] = {}
+        self.actor_series: list[int] = []
 
     def _sample(self) -> int:
         import psutil
@@ -100,6 +102,9 @@ class PeakByRole(PeakRss):
             self.peaks[k] = max(self.peaks.get(k, 0), v)
         for name, (count, _) in kinds.items():  # the most processes of each kind alive at once
             self.most[name] = max(self.most.get(name, 0), count)
+        actor = sum(v for name, (_, v) in kinds.items() if "PredictStage" in name)
+        if actor:  # the predict actor over the run: does it grow with the windows it has done?
+            self.actor_series.append(actor)
         if sums.get("segbatch_pss", 0) >= self.at_peak.get("segbatch_pss", 0):
             # what made up the segbatch peak: driver and each worker kind (count, PSS) at that moment
             self.at_peak = {"segbatch_pss": sums.get("segbatch_pss", 0), "driver_pss": sums.get("driver_pss", 0),
@@ -107,7 +112,7 @@ class PeakByRole(PeakRss):
         return sums.get("total_rss", 0)
 
 
-def run_by_role(cmd: list[str]) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+def run_by_role(cmd: list[str]) -> tuple[dict[str, int], dict[str, int], dict[str, int], list[int]]:
     import os
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -115,7 +120,7 @@ def run_by_role(cmd: list[str]) -> tuple[dict[str, int], dict[str, int], dict[st
         _, err = proc.communicate(timeout=7200)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
-    return rss.peaks, rss.at_peak, rss.most
+    return rss.peaks, rss.at_peak, rss.most, rss.actor_series
 
 
 def ray_baseline(seconds: float = 8.0) -> dict[str, int]:
@@ -144,7 +149,7 @@ def run_scene(work: Path, side: int, arch: str) -> dict[str, object]:
     }
     path = work / f"job-{side}.yaml"
     path.write_text(yaml.safe_dump(job))
-    peaks, at_peak, most = run_by_role([str(BIN / "segbatch"), "run", str(path)])
+    peaks, at_peak, most, actor = run_by_role([str(BIN / "segbatch"), "run", str(path)])
     manifest = json.loads(next((out / "runs").glob("*.json")).read_text())
     import pyarrow.parquet as pq
 
@@ -162,6 +167,8 @@ def run_scene(work: Path, side: int, arch: str) -> dict[str, object]:
         "cog_mb": round((out / "masks" / "scene.tif.tif").stat().st_size / 2**20, 1),
         "at_segbatch_pss_peak_mb": {k: round(v / 2**20, 1) for k, v in at_peak.items()},
         "most_alive_at_once": most,
+        # the predict actor's PSS, the peak of each tenth of its life
+        "actor_pss_by_tenth_mb": [round(max(actor[i * len(actor) // 10 : (i + 1) * len(actor) // 10] or [0]) / 2**20) for i in range(10)],
     }
 
 
