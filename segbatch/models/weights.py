@@ -1,8 +1,10 @@
-"""Weights: resolve `model.weights` once on the driver, verify it, and ship the bytes to every actor.
+"""Weights: resolve `model.weights` once per run, verify it, and ship the bytes to every actor.
 
-Resolving on the driver means a missing file, a bad digest or a checkpoint that does not fit the
-architecture stops the job before any work starts, and every actor loads the very same bytes (passed
-through Ray's object store), whichever node it runs on.
+The driver reads the bytes and their digest (:mod:`segbatch.models.source`, no torch); the model is built
+here once, in a one-shot Ray worker (:mod:`segbatch.models.remote`), to prove the weights fit it. So a
+missing file, a bad digest or a checkpoint that does not fit the architecture stops the job before any
+work starts, and every actor loads the very same bytes (passed through Ray's object store), whichever
+node it runs on.
 """
 
 from __future__ import annotations
