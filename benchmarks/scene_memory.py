@@ -7,7 +7,11 @@ same sampling around a Ray that only starts and sleeps. Prints one JSON line per
 
 Figures by role (driver; Ray workers running segbatch, `ray::…`; Ray's own processes), as RSS and PSS
 (PSS shares the pages of libraries such as torch's among the workers that map them, which RSS counts
-once per worker).
+once per worker). `at_segbatch_pss_peak_mb`: what made up the peak of the driver and the Ray workers
+together (the driver, and each worker kind as `<kind> x<count>`, by the name Ray gives the process:
+`MapBatches(load_windows)`, `MapWorker(MapBatches(PredictStage))`, Ray Data's own actors, `IDLE`);
+`most_alive_at_once`: the most processes of each kind seen at one sample; `actor_pss_by_tenth_mb`: the
+predict actor's peak PSS in each tenth of its life (whether it grows with the windows done).
 
 The model is a cheap fixed convolution (`tests.probe_models:color_probe`, run with the repository root
 on PYTHONPATH) by default: the figure is about the pipeline (windows, parts, COG, polygons), not the model.
@@ -67,11 +71,15 @@ class PeakByRole(PeakRss):
     def __init__(self, pid: int, interval: float = 0.5) -> None:
         super().__init__(pid, interval)
         self.peaks: dict[str, int] = {}
+        self.at_peak: dict[str, int] = {}
+        self.most: dict[str, int] = {}
+        self.actor_series: list[int] = []
 
     def _sample(self) -> int:
         import psutil
 
         sums: dict[str, int] = {}
+        kinds: dict[str, list[int]] = {}  # Ray worker kind (`ray::<name>`) → [count, PSS]
         for p in self._tree():
             try:
                 cmd = " ".join(p.cmdline())[:200]
@@ -80,6 +88,10 @@ class PeakByRole(PeakRss):
                 continue
             role = "driver" if p.pid == self.pid else "workers" if cmd.startswith("ray::") else (
                 "ray_core" if any(k in cmd for k in _RAY_CORE) else "other")
+            if role == "workers":
+                k = kinds.setdefault(cmd[5:].split(" ")[0][:60], [0, 0])
+                k[0] += 1
+                k[1] += getattr(info, "pss", info.rss)
             for kind, value in (("rss", info.rss), ("pss", getattr(info, "pss", info.rss))):
                 sums[f"{role}_{kind}"] = sums.get(f"{role}_{kind}", 0) + value
                 sums[f"total_{kind}"] = sums.get(f"total_{kind}", 0) + value
@@ -88,10 +100,19 @@ class PeakByRole(PeakRss):
                     sums[f"segbatch_{kind}"] = sums.get(f"segbatch_{kind}", 0) + value
         for k, v in sums.items():
             self.peaks[k] = max(self.peaks.get(k, 0), v)
+        for name, (count, _) in kinds.items():  # the most processes of each kind alive at once
+            self.most[name] = max(self.most.get(name, 0), count)
+        actor = sum(v for name, (_, v) in kinds.items() if "PredictStage" in name)
+        if actor:  # the predict actor over the run: does it grow with the windows it has done?
+            self.actor_series.append(actor)
+        if sums.get("segbatch_pss", 0) >= self.at_peak.get("segbatch_pss", 0):
+            # what made up the segbatch peak: driver and each worker kind (count, PSS) at that moment
+            self.at_peak = {"segbatch_pss": sums.get("segbatch_pss", 0), "driver_pss": sums.get("driver_pss", 0),
+                            **{f"{name} x{c}": v for name, (c, v) in sorted(kinds.items())}}
         return sums.get("total_rss", 0)
 
 
-def run_by_role(cmd: list[str]) -> dict[str, int]:
+def run_by_role(cmd: list[str]) -> tuple[dict[str, int], dict[str, int], dict[str, int], list[int]]:
     import os
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -99,7 +120,7 @@ def run_by_role(cmd: list[str]) -> dict[str, int]:
         _, err = proc.communicate(timeout=7200)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
-    return rss.peaks
+    return rss.peaks, rss.at_peak, rss.most, rss.actor_series
 
 
 def ray_baseline(seconds: float = 8.0) -> dict[str, int]:
@@ -128,7 +149,7 @@ def run_scene(work: Path, side: int, arch: str) -> dict[str, object]:
     }
     path = work / f"job-{side}.yaml"
     path.write_text(yaml.safe_dump(job))
-    peaks = run_by_role([str(BIN / "segbatch"), "run", str(path)])
+    peaks, at_peak, most, actor = run_by_role([str(BIN / "segbatch"), "run", str(path)])
     manifest = json.loads(next((out / "runs").glob("*.json")).read_text())
     import pyarrow.parquet as pq
 
@@ -144,6 +165,10 @@ def run_scene(work: Path, side: int, arch: str) -> dict[str, object]:
         "stream_s": manifest["timing"]["stream_seconds"],
         "assemble_s": scene_row["assemble_seconds"],
         "cog_mb": round((out / "masks" / "scene.tif.tif").stat().st_size / 2**20, 1),
+        "at_segbatch_pss_peak_mb": {k: round(v / 2**20, 1) for k, v in at_peak.items()},
+        "most_alive_at_once": most,
+        # the predict actor's PSS, the peak of each tenth of its life
+        "actor_pss_by_tenth_mb": [round(max(actor[i * len(actor) // 10 : (i + 1) * len(actor) // 10] or [0]) / 2**20) for i in range(10)],
     }
 
 

@@ -13,6 +13,9 @@ from S3 against the bytes the windows need.
 3. **Windows/s**: `segbatch run` (local Ray, subprocess) on the local scene: windows / stream seconds,
    and windows between first and last results / that span (steady); against the predictor alone on the
    same windows (pre-read arrays, same batch size, the better of one pass and the actor's streams).
+   With `--double`, also a scene of sqrt(2) x the side (about twice the windows): the extra windows over
+   the extra first-to-last seconds (`marginal_windows_per_s`, start-up paid by both runs cancels, as
+   `pipeline_efficiency.py` measures images), over the model alone (`efficiency_marginal`).
 
 Usage: PYTHONPATH=. python benchmarks/scene_throughput.py --side 4096 --arch segbatch.models.small:unet_small
 """
@@ -32,6 +35,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scene_memory import write_big_scene  # noqa: E402
+
+from tests.s3bytes import counting_s3_fetches  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -78,15 +83,6 @@ def bytes_read(scene: Path, size: int, overlap: int, task_windows: int, plain_gr
                     for c in range(w.col_off // bw, (w.col_off + w.width - 1) // bw + 1):
                         needed += ds.block_size(1, r, c)
                         blocks += 1
-        fetched: list[int] = []
-        original = s3fs.core.S3File._fetch_range
-
-        def counting(self: object, start: int, end: int) -> bytes:
-            out = original(self, start, end)
-            fetched.append(len(out))
-            return out
-
-        s3fs.core.S3File._fetch_range = counting  # type: ignore[method-assign]
         figures: dict[str, object] = {"grid": "plain" if plain_grid else "aligned", "windows": len(wins),
                                       "window_side": max(w.width for w in wins), "blocks_read": blocks,
                                       "blocks_per_window": round(blocks / len(wins), 2),
@@ -96,17 +92,16 @@ def bytes_read(scene: Path, size: int, overlap: int, task_windows: int, plain_gr
         configs.append(("s3fs_default_readahead_50m", {"default_block_size": 50 * 2**20, "default_cache_type": "readahead"}))
         for name, options in configs:
             # one open per load task of `task_windows` windows (grid order), as the load stage groups them
-            fetched.clear()
             s3fs.S3FileSystem.clear_instance_cache()
             start = time.perf_counter()
-            for i in range(0, len(wins), task_windows):
-                with open_scene("s3://bench/scene.tif", options) as ds:
-                    for w in wins[i : i + task_windows]:
-                        read_window(ds, w, SceneSettings())
+            with counting_s3_fetches() as fetched:
+                for i in range(0, len(wins), task_windows):
+                    with open_scene("s3://bench/scene.tif", options) as ds:
+                        for w in wins[i : i + task_windows]:
+                            read_window(ds, w, SceneSettings())
             figures[f"{name}_fetched_mb"] = round(sum(fetched) / 1e6, 1)
             figures[f"{name}_requests"] = len(fetched)
             figures[f"{name}_seconds"] = round(time.perf_counter() - start, 2)
-        s3fs.core.S3File._fetch_range = original  # type: ignore[method-assign]
         figures["s3_block_bytes"] = S3_BLOCK
         return figures
     finally:
@@ -116,7 +111,7 @@ def bytes_read(scene: Path, size: int, overlap: int, task_windows: int, plain_gr
 
 
 def end_to_end(scene: Path, work: Path, arch: str, batch_size: int, size: int, overlap: int) -> dict[str, float]:
-    out = work / f"out-{time.strftime('%H%M%S')}"
+    out = work / f"out-{scene.parent.name}-{time.strftime('%H%M%S')}"
     job = {
         "name": "scene-throughput", "input": {"uri": str(scene.parent)},
         "model": {"task": "semantic", "arch": arch, "weights": "none", "num_classes": 4, "batch_size": batch_size},
@@ -131,7 +126,8 @@ def end_to_end(scene: Path, work: Path, arch: str, batch_size: int, size: int, o
     n = manifest["counts"]["ok"]
     span = t["last_result_seconds"] - t["first_result_seconds"]
     return {"e2e_windows_per_s": round(n / t["stream_seconds"], 2), "steady_windows_per_s": t["steady_images_per_second"],
-            "first_to_last_windows_per_s": round(n / span, 2) if span > 0 else 0.0, "wall_s": t["wall_seconds"]}
+            "first_to_last_windows_per_s": round(n / span, 2) if span > 0 else 0.0, "wall_s": t["wall_seconds"],
+            "windows": n, "first_to_last_s": round(span, 2)}
 
 
 def model_only(scene: Path, arch: str, batch_size: int, size: int, overlap: int) -> float:
@@ -165,6 +161,8 @@ def main() -> int:
     parser.add_argument("--plain-grid", action="store_true", help="bytes: the plain grid, not aligned to the file's blocks")
     parser.add_argument("--skip-bytes", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--double", action="store_true", help="also run a scene of sqrt(2) x the side (about 2x the windows): "
+                        "the extra windows over the extra seconds, start-up cancelled (pipeline_efficiency.py's N vs 2N)")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="segbatch-scene-tp-"))
@@ -178,8 +176,21 @@ def main() -> int:
     if not args.skip_e2e:
         before = model_only(scene, args.arch, args.batch_size, args.size, args.overlap)
         row.update(end_to_end(scene, work, args.arch, args.batch_size, args.size, args.overlap))
+        if args.double:
+            side2 = round(args.side * 2**0.5)
+            big = work / f"scene-{side2}" / "scene.tif"
+            if not big.exists():
+                big.parent.mkdir(parents=True, exist_ok=True)
+                write_big_scene(big, side2)
+            second = end_to_end(big, work, args.arch, args.batch_size, args.size, args.overlap)
+            extra_s = second["first_to_last_s"] - float(row["first_to_last_s"])  # type: ignore[arg-type]
+            row.update({"double_side": side2, "double_windows": second["windows"], "double_first_to_last_s": second["first_to_last_s"],
+                        "marginal_windows_per_s": round((second["windows"] - float(row["windows"])) / extra_s, 2) if extra_s > 0 else 0.0})  # type: ignore[arg-type]
         after = model_only(scene, args.arch, args.batch_size, args.size, args.overlap)
         row["model_only_windows_per_s"] = round((before + after) / 2, 2)
+        row["model_only_drift"] = round(after / before, 3)
+        if args.double:
+            row["efficiency_marginal"] = round(float(row["marginal_windows_per_s"]) / row["model_only_windows_per_s"], 3)  # type: ignore[arg-type]
         row["efficiency_whole_stream"] = round(float(row["e2e_windows_per_s"]) / row["model_only_windows_per_s"], 3)  # type: ignore[arg-type]
         row["efficiency_first_to_last"] = round(float(row["first_to_last_windows_per_s"]) / row["model_only_windows_per_s"], 3)  # type: ignore[arg-type]
     print(json.dumps(row), flush=True)

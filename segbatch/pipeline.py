@@ -2,8 +2,8 @@
 
 A run goes through four phases, each a function below, handing on one :class:`JobRun`:
 
-    prepare  (driver)  weights digest, ledger, plan pages; the model built only if there is work
-    stream   (cluster) read plan → load → predict → write → commit  load, models.Predictor, sinks
+    prepare  (driver)  weights digest, ledger, plan pages (no torch)
+    stream   (cluster) model proved in a worker; read plan → load → predict → write → commit  load, models, sinks
     after    (driver)  steps that need every item committed (`after_stream`: e.g. finish a scene)
     finish   (driver)  counts, timings, run manifest
 """
@@ -39,8 +39,8 @@ from segbatch.sinks import Committer, new_run_id, rows_to_table, write_batch, wr
 from segbatch.spec import JobSpec
 from segbatch.storage import filesystem, write_bytes_atomic
 
-if TYPE_CHECKING:  # torch comes in only when there is work: see _prepare
-    from segbatch.models.weights import ResolvedWeights
+if TYPE_CHECKING:
+    from segbatch.models.source import ResolvedWeights
 
 __all__ = ["AfterStream", "JobRun", "LayerRun", "RunResult", "build_dataset", "load_block_rows", "result_dict", "run_job"]
 
@@ -236,7 +236,7 @@ def build_dataset(spec: JobSpec, plan: Plan, layers: Sequence[LayerRun], layout:
     """
     import ray
 
-    from segbatch.models.predictor import LayerPredictor, Predictor
+    from segbatch.models.remote import PredictStage  # the predictor (torch) is imported in the actor
 
     c, m = spec.compute, spec.first_model
     todo = plan.counts.todo
@@ -245,14 +245,12 @@ def build_dataset(spec: JobSpec, plan: Plan, layers: Sequence[LayerRun], layout:
     load_fn: Callable[..., Any] = load_batch
     load_kwargs: dict[str, Any] = {"settings": spec.load_settings()}
     one = layers[0]
-    predictor: type = Predictor
     predict_kwargs: dict[str, Any] = {
         "task": m.task, "weights": ray.put(one.weights), "settings": one.spec.predict_settings(), "layout": layout
     }
     write_fn: Callable[..., Any] = write_batch
     write_kwargs: dict[str, Any] = {"output": spec.output, "task": m.task}
-    if spec.layered:
-        predictor = LayerPredictor
+    if spec.layered:  # PredictStage builds a LayerPredictor from `layers`
         predict_kwargs = {
             "layers": [
                 (lr.name, lr.spec.first_model.task, ray.put(lr.weights), lr.spec.predict_settings()) for lr in layers
@@ -264,12 +262,18 @@ def build_dataset(spec: JobSpec, plan: Plan, layers: Sequence[LayerRun], layout:
             "outputs": {lr.name: lr.spec.output for lr in layers},
             "tasks": {lr.name: lr.spec.first_model.task for lr in layers},
         }
+    write_pool: dict[str, Any] = {}
     if spec.tiling is not None:  # scenes: windows read by ranges, cores written as parts
         from segbatch.geo.read import load_windows
         from segbatch.geo.stitch import write_cores
 
         load_fn, load_kwargs = load_windows, {"settings": spec.scene_settings()}
         write_fn, write_kwargs = write_cores, {"output": spec.output, "settings": spec.scene_settings(), "task": m.task}
+        # Each task worker process holds ~160 MB (Ray, pyarrow, rasterio) and stays while its stage is busy;
+        # a window's core is one small PNG, so one write task per predict stream keeps up, where the 0.25-CPU
+        # request alone lets four run per free core (benchmarks/README.md, "Scenes").
+        streams = (c.actors if isinstance(c.actors, int) else c.actors[1]) * layout.streams
+        write_pool = {"compute": ray.data.TaskPoolStrategy(size=streams)}
     ds = ds.map_batches(
         load_fn,
         batch_size=load_rows,
@@ -283,7 +287,7 @@ def build_dataset(spec: JobSpec, plan: Plan, layers: Sequence[LayerRun], layout:
         {"size": c.actors} if isinstance(c.actors, int) else {"min_size": c.actors[0], "max_size": c.actors[1]}
     )
     ds = ds.map_batches(
-        predictor,
+        PredictStage,
         batch_size=m.batch_size,
         num_cpus=c.cpus_per_actor,
         num_gpus=c.gpus_per_actor,
@@ -299,6 +303,7 @@ def build_dataset(spec: JobSpec, plan: Plan, layers: Sequence[LayerRun], layout:
         batch_size=load_rows,  # bundles small predict blocks (batch_size 1 makes 1-row blocks): fewer tasks
         num_cpus=0.25,
         fn_kwargs=write_kwargs,
+        **write_pool,
     )
 
 
@@ -341,8 +346,7 @@ def run_job(
 
 
 def _prepare(spec: JobSpec, force: bool) -> JobRun:
-    """The weights' digests, the ledgers, the plan written as pages; then, only if there is work, each model
-    built once to prove its weights fit it (before Ray starts).
+    """The weights' digests, the ledgers, the plan written as pages (no torch: each model is proved in _stream).
 
     A several-model job does this per layer, on the single-model job each layer equals; its plan holds an
     item while any layer lacks it, with a bit mask of those layers (:class:`LayerLedgers`).
@@ -372,37 +376,39 @@ def _prepare(spec: JobSpec, force: bool) -> JobRun:
     logger.info("planned %d items (%d listed, %d already done)", c.todo, c.listed, c.skipped)
     for k, layer in enumerate(layers):
         layer.todo = c.layer_todo[k] if spec.layered and c.layer_todo else c.todo
-        m = layer.spec.model
-        assert m is not None
-        if c.todo:  # build the model once and prove the weights fit it, before Ray starts
-            from segbatch.models.weights import resolve_weights
-
-            layer.weights = resolve_weights(m, layer.read)
-        classes = layer.weights.classes if layer.weights is not None else m.classes
-        file_metadata = {"segbatch.classes": json.dumps(list(classes) if classes else None), "segbatch.task": m.task}
-        layer.committer = Committer(layer.spec.output, run_id, file_metadata)
+        layer.committer = Committer(layer.spec.output, run_id, _file_metadata(layer.spec, None))
     return JobRun(spec, run_id, started, result, plan, layers)
 
 
+def _file_metadata(spec: JobSpec, weights: ResolvedWeights | None) -> dict[str, str]:
+    m = spec.first_model
+    classes = weights.classes if weights is not None else m.classes
+    return {"segbatch.classes": json.dumps(list(classes) if classes else None), "segbatch.task": m.task}
+
+
 def _stream(run: JobRun, progress: TextIO | None) -> None:
-    """Start (or join) Ray, decide the actor layout, stream the plan through the stages and commit;
+    """Start (or join) Ray, prove each model's weights fit it in a worker (the driver never imports torch:
+    :mod:`segbatch.models.remote`), decide the actor layout, stream the plan through the stages and commit;
     results done / planned are shown on `progress` (nowhere when None)."""
+    from segbatch.models.remote import resolve_on_cluster
+
     spec, result = run.spec, run.result
-    constants: dict[str, dict[str, str]] = {}
-    for layer in run.layers:
-        assert layer.weights is not None  # resolved in _prepare whenever there is work
-        constants[layer.name] = {
-            "task": layer.spec.first_model.task,
-            "model": layer.weights.arch,
-            "weights_sha256": layer.weights.sha256,
-            "fingerprint": layer.fingerprint,
-            "run_id": run.run_id,
-        }
     committers = {layer.name: layer.committer for layer in run.layers}
     stream_start = time.time()
     started_ray = _ensure_ray(spec)
     try:
         _check_resources(spec, started_ray)
+        constants: dict[str, dict[str, str]] = {}
+        for layer in run.layers:
+            layer.weights = weights = resolve_on_cluster(layer.spec.first_model, layer.read)
+            layer.committer.file_metadata.update(_file_metadata(layer.spec, weights))
+            constants[layer.name] = {
+                "task": layer.spec.first_model.task,
+                "model": weights.arch,
+                "weights_sha256": weights.sha256,
+                "fingerprint": layer.fingerprint,
+                "run_id": run.run_id,
+            }
         run.layout = decide_layout(spec.compute, _one_node_cpus())
         logger.info("predict actors: %s, %s each", spec.compute.actors, run.layout.describe())
         ds = build_dataset(spec, run.plan, run.layers, run.layout)

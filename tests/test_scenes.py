@@ -301,6 +301,22 @@ def test_resume_redoes_only_uncommitted_windows(rgb_run: tuple, tmp_path: Path) 
     assert (again.processed, again.skipped) == (0, 9)
 
 
+def test_a_scene_killed_after_its_last_commit_is_finished_by_the_rerun(rgb_run: tuple, tmp_path: Path) -> None:
+    """Every window committed, the run killed before assembling: the rerun streams nothing (the model is
+    never built) and still writes the COG, with the class names from the committed parts."""
+    root, scene, _ = rgb_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    for folder in ("masks", "polygons", "scenes"):
+        shutil.rmtree(out / folder)
+    result = run_job(parse_job(scene_job(scene.path.parent.parent, out)))
+    assert (result.processed, result.skipped) == (0, 9)
+    with rasterio.open(out / "masks" / "area" / "scene.tif.tif") as a, rasterio.open(root / "out" / "masks" / "area" / "scene.tif.tif") as b:
+        assert (a.read(1) == b.read(1)).all()
+        assert json.loads(a.tags()["segbatch_classes"]) == CLASSES
+    assert [r["status"] for r in read_scene_rows(str(out), {}).to_pylist()] == ["ok"]
+
+
 def test_bad_scenes_are_error_rows(tmp_path: Path) -> None:
     inputs = tmp_path / "in"
     good = write_geo_scene(inputs / "good.tif", width=300, height=260, spacing=100, seed=5, block=512)

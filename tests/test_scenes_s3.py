@@ -17,6 +17,7 @@ from segbatch.geo.windows import Window  # noqa: E402
 from segbatch.pipeline import run_job  # noqa: E402
 from segbatch.spec import SceneSettings, parse_job  # noqa: E402
 from segbatch.synth import write_geo_scene  # noqa: E402
+from tests.s3bytes import counting_s3_fetches  # noqa: E402
 from tests.test_scenes import SCENE, scene_job  # noqa: E402
 
 
@@ -34,9 +35,7 @@ def local_ray(s3_env: str) -> Iterator[None]:
     ray.shutdown()
 
 
-def test_a_window_is_read_by_ranges(bucket: str, s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import s3fs
-
+def test_a_window_is_read_by_ranges(bucket: str, s3_env: str, tmp_path: Path) -> None:
     scene = write_geo_scene(tmp_path / "big.tif", width=2048, height=2048, spacing=200, block=256)
     with rasterio.open(scene.path) as src:
         profile = src.profile
@@ -45,17 +44,8 @@ def test_a_window_is_read_by_ranges(bucket: str, s3_env: str, tmp_path: Path, mo
     with rasterio.open(plain, "w", **{**profile, "compress": None}) as dst:
         dst.write(data)
     boto3.client("s3", endpoint_url=s3_env).upload_file(str(plain), bucket, "scenes/plain.tif")
-    fetched: list[int] = []
-    original = s3fs.core.S3File._fetch_range
-
-    def counting(self: object, start: int, end: int) -> bytes:
-        out = original(self, start, end)
-        fetched.append(len(out))
-        return out
-
-    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counting)
     window = Window(512, 768, 256, 256)
-    with open_scene(f"s3://{bucket}/scenes/plain.tif", {}) as ds:
+    with counting_s3_fetches() as fetched, open_scene(f"s3://{bucket}/scenes/plain.tif", {}) as ds:
         image, mask = read_window(ds, window, SceneSettings())
     expected = np.moveaxis(data[:, 768:1024, 512:768], 0, -1)
     assert (image == expected).all() and mask.shape == (256, 256)

@@ -31,7 +31,7 @@ from segbatch.geo.blend import assemble_blended
 from segbatch.geo.cog import assemble_labels, label_dtype, put_file, to_cog
 from segbatch.geo.plan import PlannedScene, window_item_id
 from segbatch.geo.windows import grid, window_key
-from segbatch.outputs import MASKS, SCENES, hash64, iter_parts, sorted_unique
+from segbatch.outputs import MASKS, SCENES, file_metadata, hash64, iter_parts, output_classes, sorted_unique
 from segbatch.retry import call_with_retries
 from segbatch.storage import filesystem, join_uri, unstrip, write_bytes_atomic
 
@@ -118,8 +118,8 @@ def finish_scenes(run: Any) -> None:
     if not todo:
         return
     done, failed_class, failed_msg = _window_status(o.uri, o.storage_options)
-    classes = list(run.weights.classes) if run.weights.classes else []
-    dtype = label_dtype(run.weights.num_classes)
+    classes, num_classes = _classes(run)
+    dtype = label_dtype(num_classes)
     rows: list[dict[str, Any]] = []
     for scene in todo:
         row = _finish_one(scene, spec, done, failed_class, failed_msg, classes, dtype, run.run_id)
@@ -137,6 +137,17 @@ def finish_scenes(run: Any) -> None:
         path = f"{root.rstrip('/')}/{SCENE_ROWS}/part-{run.run_id}.parquet"
         call_with_retries(lambda: write_bytes_atomic(fs, path, data), what=f"writing {unstrip(fs, path)}")
         logger.info("finished %d scene(s): %d ok", len(rows), sum(r["status"] == "ok" for r in rows))
+
+
+def _classes(run: Any) -> tuple[list[str], int]:
+    """Class names and count: from the model proved this run; when nothing was streamed (a rerun that only
+    finishes scenes whose windows an earlier, killed run committed), from the committed parts' metadata,
+    which every run writes (then the job's `model.num_classes` when the weights name no classes)."""
+    if run.weights is not None:
+        return list(run.weights.classes or []), run.weights.num_classes
+    o = run.spec.output
+    classes = output_classes(file_metadata(o.uri, o.storage_options))
+    return classes, len(classes) or run.spec.model.num_classes or 255
 
 
 def _finish_one(

@@ -13,7 +13,7 @@ __all__ = ["Predictor", "ResolvedWeights", "build_model", "resolve_weights"]
 
 _WHERE = {
     "Predictor": "segbatch.models.predictor",
-    "ResolvedWeights": "segbatch.models.weights",
+    "ResolvedWeights": "segbatch.models.source",
     "resolve_weights": "segbatch.models.weights",
     "build_model": "segbatch.models.zoo",
 }

@@ -232,13 +232,13 @@ class Predictor:
     @torch.inference_mode()
     def predict_semantic(self, images: list[np.ndarray] | torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
         """Same-size images (HWC arrays, or one NCHW uint8 device tensor) → [(label map, per-class pixel counts)]."""
-        import torchvision.transforms.v2.functional as TF
-
         x = self._to_device(images)
         height, width = x.shape[-2:]
         x = x.float().div_(255.0)
         resize = self.weights.resize
         if resize is not None:
+            import torchvision.transforms.v2.functional as TF  # only here: importing torchvision costs ~110 MB
+
             size = [resize] if isinstance(resize, int) else list(resize)
             x = TF.resize(x, size, antialias=True)
         x = (x - self.mean) / self.std

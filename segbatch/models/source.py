@@ -9,15 +9,16 @@ a rerun finish without importing torch or starting Ray.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
 from segbatch.errors import JobError
 from segbatch.retry import Retries
 from segbatch.spec import ModelSpec
 from segbatch.storage import read_bytes
 
-__all__ = ["WeightsBytes", "read_weights"]
+__all__ = ["ResolvedWeights", "WeightsBytes", "read_weights"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,27 @@ class WeightsBytes:
     source: str
     payload: bytes | None
     sha256: str
+
+
+@dataclass(slots=True)
+class ResolvedWeights:
+    """What actors need to rebuild the model exactly: bytes + digest + class names + preprocessing.
+
+    Made by :func:`segbatch.models.weights.resolve_weights` (torch); defined here, torch-free, so a driver
+    that gets it back from the worker that built the model (:mod:`segbatch.models.remote`) never imports torch.
+    """
+
+    kind: str  # none | torchvision | checkpoint | builtin
+    source: str
+    sha256: str
+    payload: bytes | None
+    arch: str
+    num_classes: int
+    classes: tuple[str, ...] | None
+    resize: int | tuple[int, int] | None
+    mean: tuple[float, float, float] | None  # None: the default (ImageNet; a detector's own transform)
+    std: tuple[float, float, float] | None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _read_checkpoint(spec: ModelSpec) -> bytes:

@@ -1,8 +1,10 @@
-"""Weights: resolve `model.weights` once on the driver, verify it, and ship the bytes to every actor.
+"""Weights: resolve `model.weights` once per run, verify it, and ship the bytes to every actor.
 
-Resolving on the driver means a missing file, a bad digest or a checkpoint that does not fit the
-architecture stops the job before any work starts, and every actor loads the very same bytes (passed
-through Ray's object store), whichever node it runs on.
+The driver reads the bytes and their digest (:mod:`segbatch.models.source`, no torch); the model is built
+here once, in a one-shot Ray worker (:mod:`segbatch.models.remote`), to prove the weights fit it. So a
+missing file, a bad digest or a checkpoint that does not fit the architecture stops the job before any
+work starts, and every actor loads the very same bytes (passed through Ray's object store), whichever
+node it runs on.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,30 +19,13 @@ from torch import nn
 
 from segbatch.errors import JobError
 from segbatch.models.archs import INSTANCE_ARCHS, SEMANTIC_ARCHS
-from segbatch.models.source import WeightsBytes, read_weights
+from segbatch.models.source import ResolvedWeights, WeightsBytes, read_weights
 from segbatch.spec import ModelSpec
 
 __all__ = ["ResolvedWeights", "load_state_dict_bytes", "resolve_weights", "apply_weights", "torchvision_cache_path"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(slots=True)
-class ResolvedWeights:
-    """What actors need to rebuild the model exactly: bytes + digest + class names + preprocessing."""
-
-    kind: str  # none | torchvision | checkpoint | builtin
-    source: str
-    sha256: str
-    payload: bytes | None
-    arch: str
-    num_classes: int
-    classes: tuple[str, ...] | None
-    resize: int | tuple[int, int] | None
-    mean: tuple[float, float, float] | None  # None: the default (ImageNet; a detector's own transform)
-    std: tuple[float, float, float] | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def torchvision_cache_path(arch: str, cache_dir: str | None) -> tuple[str, str]:
