@@ -225,7 +225,8 @@ def _actors(url: str, submission_id: str) -> list[Any]:
     if job_id is None:  # the driver has not started yet
         return []
     actors = list_actors(address=url, filters=[("job_id", "=", job_id)], detail=True, limit=10_000)
-    return [a for a in actors if "MapWorker" in a.class_name and "Predictor" in a.class_name]
+    # The predict stage's Ray Data worker: MapWorker(MapBatches(PredictStage)) (models/remote.PredictStage)
+    return [a for a in actors if "MapWorker" in a.class_name and "PredictStage" in a.class_name]
 
 
 def _rows(output: Path) -> list[dict[str, Any]]:
