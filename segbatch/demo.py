@@ -141,7 +141,7 @@ def format_demo_summary(count: int, seed: int, result: Any, outcomes: list[_Outc
             f"{'':<9} found   {_found_line(o)}",
             f"{'':<9} quality {_quality_line(o)}",
             f"{'':<9} masks   {out}/masks/ · metadata {out}/metadata/ · eval {o.report_uri}",
-            *(f"{'':<9} {fmt:<7} {dest}" for fmt, dest in o.exports.items()),
+            *(f"{'':<9} {fmt:<11} {dest}" for fmt, dest in o.exports.items()),
             f"{'':<9} preview {o.preview}  (open it in a browser: overlays, worst first)",
         ]
     lines += [
