@@ -190,14 +190,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     started = time.time()
     o = spec.output
     try:
-        ledger, _ = read_job_ledgers(spec)
+        ledger, models = read_job_ledgers(spec)
     except (JobError, SpecError):
         raise
     except Exception as e:  # noqa: BLE001 - a storage problem is one line, exit 1
         raise JobError(describe_output_read_error(e, o.uri, o.storage_options)) from None
     with listing_errors(spec.input.uri):
         counts = count_plan(spec.input, ledger, tiling=spec.tiling, exclude_prefix=output_prefix(o.uri, o.storage_options))
-    layers = [name for name, _ in spec.layer_jobs()] if spec.layered else None
+    layers = [m.name for m in models] if spec.layered else None
     print(format_plan(args.job, spec.input.uri, o.uri, counts, time.time() - started, layers), flush=True)
     return EXIT_OK
 
@@ -250,10 +250,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from segbatch.outputs import layer_output
 
-    try:
-        output = layer_output(args.output, None, args.layer)
-    except FileNotFoundError:
-        output = args.output  # evaluate_output words a missing output
+    output = layer_output(args.output, None, args.layer)  # a missing folder is itself: evaluate_output words it
     report = evaluate_output(output, args.truth)
     uri = write_report(report, output)
     print(format_report(report), flush=True)

@@ -33,7 +33,7 @@ from segbatch.progress import Progress
 from segbatch.preflight import check_storage
 from segbatch.plan import Plan, listing_errors, read_job_ledgers, read_plan_block, write_plan
 from segbatch.result import RunResult, result_dict
-from segbatch.rows import take_rows
+from segbatch.rows import split_rows
 from segbatch.retry import call_with_retries
 from segbatch.sinks import Committer, new_run_id, rows_to_table, write_batch, write_layer_batch
 from segbatch.spec import JobSpec
@@ -356,7 +356,10 @@ def _prepare(spec: JobSpec, force: bool) -> JobRun:
     result = RunResult(run_id=run_id, output_uri=spec.output.uri, manifest_uri=manifest_uri(spec.output.uri, run_id))
     result.max_error_fraction = spec.run.max_error_fraction
     ledger, models = read_job_ledgers(spec, force=force, run_id=run_id)  # digests only: no torch yet
-    layers = [LayerRun(m.name, m.job, m.read, m.fingerprint, committer=None) for m in models]  # type: ignore[arg-type]  # committers below
+    layers = [
+        LayerRun(m.name, m.job, m.read, m.fingerprint, Committer(m.job.output, run_id, _file_metadata(m.job, None)))
+        for m in models
+    ]
     result.weights_sha256 = "" if spec.layered else layers[0].read.sha256
     o = spec.output
     with listing_errors(spec.input.uri):
@@ -376,7 +379,6 @@ def _prepare(spec: JobSpec, force: bool) -> JobRun:
     logger.info("planned %d items (%d listed, %d already done)", c.todo, c.listed, c.skipped)
     for k, layer in enumerate(layers):
         layer.todo = c.layer_todo[k] if spec.layered and c.layer_todo else c.todo
-        layer.committer = Committer(layer.spec.output, run_id, _file_metadata(layer.spec, None))
     return JobRun(spec, run_id, started, result, plan, layers)
 
 
@@ -399,8 +401,9 @@ def _stream(run: JobRun, progress: TextIO | None) -> None:
     try:
         _check_resources(spec, started_ray)
         constants: dict[str, dict[str, str]] = {}
-        for layer in run.layers:
-            layer.weights = weights = resolve_on_cluster(layer.spec.first_model, layer.read)
+        resolved = resolve_on_cluster([(layer.spec.first_model, layer.read) for layer in run.layers])
+        for layer, weights in zip(run.layers, resolved):
+            layer.weights = weights
             layer.committer.file_metadata.update(_file_metadata(layer.spec, weights))
             constants[layer.name] = {
                 "task": layer.spec.first_model.task,
@@ -441,10 +444,7 @@ def _stream(run: JobRun, progress: TextIO | None) -> None:
 
 def _by_layer(batch: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """A finished batch's rows per layer (one-model jobs: all of them, under "")."""
-    if "layer" not in batch:
-        return [("", batch)]
-    names = np.asarray(batch["layer"], dtype=object)
-    return [(name, take_rows(batch, np.flatnonzero(names == name))) for name in dict.fromkeys(names.tolist())]
+    return split_rows(batch, "layer") if "layer" in batch else [("", batch)]
 
 
 def _finish(run: JobRun) -> None:

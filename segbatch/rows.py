@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RowStatus", "concat_rows", "object_array", "take_rows"]
+__all__ = ["RowStatus", "concat_rows", "object_array", "split_rows", "take_rows"]
 
 
 def object_array(values: list[Any]) -> np.ndarray:
@@ -25,6 +25,12 @@ def object_array(values: list[Any]) -> np.ndarray:
 def take_rows(batch: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
     """The rows `idx` of a batch (every column, in that order)."""
     return {k: np.asarray(v)[idx] for k, v in batch.items()}
+
+
+def split_rows(batch: dict[str, Any], column: str) -> list[tuple[Any, dict[str, Any]]]:
+    """The batch's rows grouped by the values of `column`: (value, its rows), values in order of first use."""
+    values = np.asarray(batch[column], dtype=object)
+    return [(v, take_rows(batch, np.flatnonzero(values == v))) for v in dict.fromkeys(values.tolist())]
 
 
 def concat_rows(batches: list[dict[str, Any]]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from segbatch.masks import encode_png_label_map
 from segbatch.outputs import ERRORS, MASKS, METADATA, METADATA_SCHEMA, SCHEMA_VERSION
 from segbatch.retry import Retries, call_with_retries
-from segbatch.rows import RowStatus, concat_rows, take_rows
+from segbatch.rows import RowStatus, concat_rows, split_rows
 from segbatch.spec import OutputSpec
 from segbatch.storage import filesystem, unstrip, write_bytes_atomic
 
@@ -118,11 +118,7 @@ def write_layer_batch(batch: dict[str, np.ndarray], outputs: dict[str, OutputSpe
         outputs: per layer name, its `output` section (`output.uri/<name>/`).
         tasks: per layer name, its `model.task`.
     """
-    names = np.asarray(batch["layer"], dtype=object)
-    parts = []
-    for name in dict.fromkeys(names.tolist()):  # the layers present, in order
-        idx = np.flatnonzero(names == name)
-        parts.append(MaskWriter(outputs[name], tasks[name])(take_rows(batch, idx)))
+    parts = [MaskWriter(outputs[name], tasks[name])(rows) for name, rows in split_rows(batch, "layer")]
     if not parts:
         return MaskWriter(next(iter(outputs.values())), "semantic")(batch)
     return concat_rows(parts)

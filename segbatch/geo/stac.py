@@ -83,6 +83,10 @@ def _version(href: str, storage_options: dict[str, Any] | None) -> tuple[str, in
     return version.strip('"'), int(info.get("size") or 0)
 
 
+def _options_key(storage_options: dict[str, Any] | None) -> str:
+    return json.dumps(storage_options or {}, sort_keys=True, default=str)
+
+
 @functools.lru_cache(maxsize=4)
 def _read_json(uri: str, options_json: str) -> dict[str, Any]:
     """A STAC JSON, read once per process (each load task opens every window's scene again)."""
@@ -100,7 +104,7 @@ def asset_hrefs(uri: str, storage_options: dict[str, Any] | None, keys: tuple[st
     json_uri, _, item_id = uri.rpartition("#")
     try:
         fs, path = filesystem(json_uri, storage_options)
-        doc = _read_json(json_uri, json.dumps(storage_options or {}, sort_keys=True, default=str))
+        doc = _read_json(json_uri, _options_key(storage_options))
         item = next((i for i in _items(doc) if str(i.get("id")) == item_id), None)
         if item is None:
             raise KeyError(f"no item '{item_id}'")
@@ -119,7 +123,7 @@ def band_names(asset: dict[str, Any]) -> list[str]:
 def stac_objects(spec: InputSpec) -> tuple[str, Iterator[list[ListedObject]], dict[str, str]]:
     """(base "", one page of scene objects, {asset URI: output key}) for a STAC JSON input."""
     fs, path = filesystem(spec.uri, spec.storage_options)
-    with fs.open(path, "rb") as f:
+    with fs.open(path, "rb") as f:  # fresh on every listing: the catalogue may have changed since a cached read
         doc = json.load(f)
     folder = posixpath.dirname(path)
     objects: list[ListedObject] = []

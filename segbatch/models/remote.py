@@ -10,6 +10,7 @@ whose worker exits afterwards (:func:`resolve_on_cluster`), and the predict acto
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -27,22 +28,23 @@ def _resolve(spec: ModelSpec, read: WeightsBytes) -> ResolvedWeights:
     return replace(resolve_weights(spec, read), payload=None)
 
 
-def resolve_on_cluster(spec: ModelSpec, read: WeightsBytes) -> ResolvedWeights:
-    """:func:`segbatch.models.weights.resolve_weights` in a Ray worker that exits afterwards (needs Ray).
+def resolve_on_cluster(models: Sequence[tuple[ModelSpec, WeightsBytes]]) -> list[ResolvedWeights]:
+    """:func:`segbatch.models.weights.resolve_weights` for each model (a job's one, or every layer's), each in
+    a Ray worker that exits afterwards, all at once (needs Ray).
 
     Raises:
-        JobError: the weights do not fit (the worker's one-line message, without Ray's traceback).
+        JobError: some weights do not fit (the worker's one-line message, without Ray's traceback).
     """
     import ray
 
     task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_resolve)
     try:
-        resolved = ray.get(task.remote(spec, read))
+        resolved = ray.get([task.remote(spec, read) for spec, read in models])
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, JobError):
             raise JobError(str(e.cause)) from None
         raise
-    return replace(resolved, payload=read.payload)
+    return [replace(r, payload=read.payload) for r, (_, read) in zip(resolved, models)]
 
 
 #: glibc's `mallopt` parameter number of M_MMAP_THRESHOLD, and the value it starts with (128 KiB).
